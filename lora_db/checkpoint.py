@@ -1,0 +1,127 @@
+"""Resumable training checkpoints, stored without pickle.
+
+`OUTPUT_DIR/checkpoint-STEP/` holds the trainable weights (`trainable.safetensors`), the optimizer state
+(tensors in `optimizer.safetensors`, the rest in `state.json`), the learning-rate scheduler, each process's
+RNG states (`rng.safetensors`) and the step. A folder is written under a temporary name and renamed when
+complete, so a crash mid-save leaves the previous checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LoraDBError
+from .io import atomic_directory
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MARKER = "state.json"
+
+
+@dataclass
+class TrainingState:
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and (child / MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """`latest` -> newest checkpoint or None if there is none yet; otherwise a folder that must be one."""
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise LoraDBError(
+            f"--resume-from-checkpoint {resume}: folder not found; pass `latest` or a checkpoint-N folder"
+        )
+    if not (path / MARKER).is_file():
+        raise LoraDBError(f"--resume-from-checkpoint {resume}: not a complete lora-db checkpoint (no {MARKER})")
+    return path
+
+
+def _flatten_optimizer(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], rest: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = tensor
+    for index, values in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(output_dir: Path, state: TrainingState, total_limit: int | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = output_dir / f"checkpoint-{state.step}"
+    optimizer_tensors, optimizer_rest = _flatten_optimizer(state.optimizer)
+    with atomic_directory(path, replace=True) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.trainable.items()},
+            str(tmp / "trainable.safetensors"),
+        )
+        save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, str(tmp / "rng.safetensors"))
+        meta = {"step": state.step, "optimizer": optimizer_rest, "scheduler": state.scheduler}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+    if total_limit is not None:
+        prune_checkpoints(output_dir, total_limit)
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; returns the deleted folders."""
+    old = list_checkpoints(output_dir)[:-keep]
+    for path in old:
+        shutil.rmtree(path)
+    return old
+
+
+def load_checkpoint(path: Path) -> TrainingState:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / MARKER).read_text())
+        return TrainingState(
+            step=int(meta["step"]),
+            trainable=load_file(str(path / "trainable.safetensors")),
+            optimizer=_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]),
+            scheduler=meta["scheduler"],
+            rng=load_file(str(path / "rng.safetensors")),
+        )
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise LoraDBError(f"checkpoint {path} is damaged ({err}); resume from an earlier checkpoint-N folder") from None

@@ -1,0 +1,161 @@
+"""The `lora-db` command line: thin typer commands that build a config and call one library function.
+
+    lora-db demo-images photos/
+    lora-db train --model tiny --instance-dir photos/ --instance-prompt "a photo of sks dog" --output-dir out/
+    lora-db train --config run.toml --max-train-steps 800     # the command line wins over the file
+
+A problem the user can fix prints one line on stderr and exits with code 1 (`--debug` or LORA_DB_DEBUG=1 shows
+the traceback); usage errors keep typer's exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from .config import TrainConfig, field_types, option_type
+from .errors import LoraDBError
+
+app = typer.Typer(
+    name="lora-db",
+    help="Memory-optimized LoRA DreamBooth for UniDiffuser (thu-ml/unidiffuser-v1).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_DEBUG_ENV = "LORA_DB_DEBUG"
+
+
+def _debug_enabled() -> bool:
+    return os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    if debug:
+        os.environ[_DEBUG_ENV] = "1"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    from .models import quiet_library_logs
+
+    quiet_library_logs()
+
+
+def _split_commas(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _help(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is None or default is False:
+        return f.metadata.get("help", "")
+    shown = ",".join(default) if isinstance(default, list) else default
+    return f"{f.metadata.get('help', '')} [default: {shown}]"
+
+
+def dataclass_options(cls: type) -> list[inspect.Parameter]:
+    """One typer option per dataclass field, default None so only what the user typed overrides."""
+    hints = field_types(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        base, choices, _ = option_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        names = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
+        annotation_type = list[str] if base is list else Literal[choices] if choices else base
+        option = typer.Option(*names, help=_help(f), rich_help_panel=f.metadata.get("group"), show_default=False)
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[annotation_type | None, option],
+            )
+        )
+    return params
+
+
+def with_dataclass_options(cls: type):
+    """Give a command `fn(config_file, **values)` the options of `cls` (the single source of their help)."""
+
+    def decorate(fn):
+        own = [
+            p
+            for p in inspect.signature(fn, eval_str=True).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        params = own + dataclass_options(cls)
+        fn.__signature__ = inspect.Signature(params)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+
+    return decorate
+
+
+def build_train_config(config_file: Path | None, values: dict[str, Any]) -> TrainConfig:
+    values = dict(values)
+    values["target_modules"] = _split_commas(values.get("target_modules"))
+    return TrainConfig.from_sources(config_file, **values)
+
+
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="TOML file of options (same names); the command line wins.")
+]
+
+
+@app.command("train", no_args_is_help=True)
+@with_dataclass_options(TrainConfig)
+def train_command(config_file: ConfigFile = None, **values: Any) -> None:
+    """Train a DreamBooth LoRA adapter (or, with --method full, every U-ViT weight).
+
+    Example: lora-db train --model tiny --instance-dir photos --instance-prompt "a photo of sks dog"
+    --output-dir out --max-train-steps 30 --learning-rate 5e-3
+    """
+    from .train import train
+
+    config = build_train_config(config_file, values)
+    result = train(config)
+    if result.adapter_path is not None:
+        typer.echo(f"adapter: {result.adapter_path}")
+        typer.echo(f"metrics: {result.output_dir / 'metrics.jsonl'}")
+    if result.validation_dir is not None:
+        typer.echo(f"validation images: {result.validation_dir}")
+
+
+@app.command("demo-images")
+def demo_images_command(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the photos into.")],
+    count: Annotated[int, typer.Option(help="How many photos.")] = 5,
+    size: Annotated[int, typer.Option(help="Side of each photo in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Same seed, same photos.")] = 0,
+) -> None:
+    """Write synthetic photos of one subject (a toy robot), for demos and tests without downloads."""
+    from .data import make_demo_images
+
+    paths = make_demo_images(folder, count=count, size=size, seed=seed)
+    typer.echo(f"wrote {len(paths)} photos to {folder}")
+
+
+def main() -> None:
+    try:
+        app()
+    except LoraDBError as err:
+        if _debug_enabled():
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Loading UniDiffuser: a hub id, a local diffusers folder, or a random pipeline built offline.
+
+`tiny` is the small deterministic model tests and demos use; `random:small` and `random:unidiffuser-v1` are
+larger random builds for benchmarks (the second has the real architecture of thu-ml/unidiffuser-v1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraDBError
+
+logger = logging.getLogger("lora_db")
+
+RANDOM_PREFIX = "random:"
+
+
+def random_preset(model: str) -> str | None:
+    """The random-build preset a model name stands for, or None for a real model."""
+    if model == "tiny":
+        return "tiny"
+    if model.startswith(RANDOM_PREFIX):
+        from .tiny import PRESETS
+
+        preset = model.removeprefix(RANDOM_PREFIX)
+        if preset not in PRESETS:
+            raise LoraDBError(f"--model {model}: unknown random build; choose random:" + " or random:".join(PRESETS))
+        return preset
+    return None
+
+
+def _unreachable(model: str, err: Exception) -> LoraDBError:
+    return LoraDBError(
+        f"--model {model}: cannot load it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+        f"if the hub is out of reach, download it elsewhere (`hf download {model} --local-dir DIR`) "
+        "and pass --model DIR"
+    )
+
+
+def _check_local_folder(model: str) -> None:
+    path = Path(model)
+    looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists() or model.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise LoraDBError(f"--model {model}: folder not found; pass a diffusers UniDiffuser folder or a hub id")
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise LoraDBError(f"--model {model}: no model_index.json there; it is not a diffusers pipeline folder")
+
+
+def load_unet_config(model: str) -> dict[str, Any]:
+    """The U-ViT's config without loading any weights (to check options before the model loads)."""
+    preset = random_preset(model)
+    if preset is not None:
+        from .tiny import unet_config
+
+        return unet_config(preset)
+    _check_local_folder(model)
+    from diffusers import UniDiffuserModel
+
+    try:
+        return dict(UniDiffuserModel.load_config(model, subfolder="unet"))
+    except (OSError, ValueError) as err:
+        raise _unreachable(model, err) from None
+
+
+def native_resolution(unet_config: dict[str, Any], vae_scale_factor: int = 8) -> int:
+    return int(unet_config["sample_size"]) * vae_scale_factor
+
+
+def check_resolution(resolution: int, unet_config: dict[str, Any], model: str) -> None:
+    native = native_resolution(unet_config)
+    if resolution != native:
+        raise LoraDBError(
+            f"--resolution {resolution}: {model} has fixed position embeddings for {native}x{native} images; "
+            f"use --resolution {native} (or leave it out)"
+        )
+
+
+def load_pipeline(model: str, torch_dtype=None):
+    """A `UniDiffuserPipeline` from a hub id, a local folder or a random build name; clear error if unreachable."""
+    import torch
+
+    preset = random_preset(model)
+    if preset is not None:
+        from .tiny import build_random_pipeline
+
+        pipe = build_random_pipeline(preset)
+        return pipe.to(torch_dtype) if torch_dtype not in (None, torch.float32) else pipe
+    _check_local_folder(model)
+    from diffusers import UniDiffuserPipeline
+
+    try:
+        # Only safetensors weights are read: a folder with pickle weights alone is refused by diffusers.
+        return UniDiffuserPipeline.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise _unreachable(model, err) from None
+
+
+def quiet_library_logs() -> None:
+    """diffusers/transformers warn about UniDiffuser's deprecation and tiny-model details on every load."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()

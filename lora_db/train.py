@@ -1,0 +1,663 @@
+"""DreamBooth fine-tuning of UniDiffuser: LoRA adapters (or every U-ViT weight) trained on a few photos.
+
+    from lora_db.config import TrainConfig
+    from lora_db.train import train
+    result = train(TrainConfig(model="tiny", instance_dir="photos", instance_prompt="a photo of sks dog",
+                               output_dir="out", max_train_steps=30))
+
+The loss is UniDiffuser's own text-to-image objective: the VAE latent and the CLIP image embedding are noised
+at one timestep, the text stays clean (`timestep_text=0`, `data_type=1`), and both image outputs regress their
+noise. Guidance is not part of the loss; `uncond_prob` trains the unconditional branch that guidance uses.
+A run is: check options, load, set up models / data / optimizer, then the loop below, top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import LoraSpec, inject_lora, lora_state_dict, save_adapter
+from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TEXT_ENCODER_TARGETS, TrainConfig
+from .data import DreamBoothDataset, ImageRecord, find_images, scan_images
+from .errors import LoraDBError
+from .io import atomic_directory, atomic_write_json, atomic_write_text
+from .memory import (
+    check_attention_backend,
+    check_mixed_precision,
+    check_optimizer,
+    count_parameters,
+    enable_text_encoder_gradient_checkpointing,
+    enable_uvit_gradient_checkpointing,
+    make_optimizer,
+    peak_memory_bytes,
+    reset_peak_memory,
+    set_attention_backend,
+    upcast_trainable,
+    weight_dtype,
+)
+from .models import check_resolution, load_pipeline, load_unet_config, native_resolution
+from .sampling import generate_images, image_grid, save_png
+
+logger = logging.getLogger("lora_db")
+
+ADAPTER_FILE = "adapter.safetensors"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (ADAPTER_FILE, METRICS_FILE, "config.json", "unet")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_path: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    validation_dir: Path | None = None
+
+
+@dataclass
+class Models:
+    """What the loop needs: the pipeline, the trained modules and the frozen text path."""
+
+    pipe: object
+    unet: nn.Module
+    text_encoder: nn.Module
+    specs: dict[str, LoraSpec]
+    trained: dict[str, nn.Module]
+
+
+# -- small pure helpers ---------------------------------------------------------------------------------------------
+
+
+def batch_indices(
+    num_items: int, batch_size: int, micro_step: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[int, int]]:
+    """(epoch, item) pairs of one process's micro-batch: a pure function of the step, so resume needs no state."""
+    start = (micro_step * world_size + rank) * batch_size
+    pairs = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_items)
+        pairs.append((epoch, int(_epoch_permutation(num_items, seed, epoch)[offset])))
+    return pairs
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def per_example_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def dreambooth_loss(
+    unet: nn.Module,
+    latents: torch.Tensor,
+    clip_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    noise_scheduler,
+    generator: torch.Generator,
+    uncond_prob: float = 0.0,
+) -> torch.Tensor:
+    """Per-example loss of UniDiffuser's t2i objective (MSE over the joint VAE + CLIP image noise)."""
+    batch = latents.shape[0]
+    device = latents.device
+    num_steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_steps, (batch,), generator=generator, device=device)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    clip_noise = torch.randn(clip_embeds.shape, generator=generator, device=device, dtype=clip_embeds.dtype)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy_clip = noise_scheduler.add_noise(clip_embeds, clip_noise, timesteps)
+    timestep_text = torch.zeros(batch, dtype=torch.long, device=device)
+    if uncond_prob > 0:
+        # The unconditional branch guidance uses at sampling time: text replaced by noise at t_text = T.
+        drop = torch.rand(batch, generator=generator, device=device) < uncond_prob
+        text_noise = torch.randn(prompt_embeds.shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        prompt_embeds = torch.where(drop[:, None, None], text_noise, prompt_embeds)
+        timestep_text = torch.where(drop, num_steps, timestep_text)
+    vae_out, clip_out, _ = unet(
+        noisy_latents,
+        noisy_clip,
+        prompt_embeds,
+        timestep_img=timesteps,
+        timestep_text=timestep_text,
+        data_type=1,
+    )
+    vae_err = (vae_out.float() - noise.float()).pow(2).flatten(1)
+    clip_err = (clip_out.float() - clip_noise.float()).pow(2).flatten(1)
+    return torch.cat([vae_err, clip_err], dim=1).mean(1)
+
+
+# -- checks before anything loads -----------------------------------------------------------------------------------
+
+
+def check_before_loading(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """Every check that needs no weights; returns the config with the resolution filled in."""
+    config.require_run_inputs()
+    check_attention_backend(config.attention)
+    check_optimizer(config.optimizer)
+    check_mixed_precision(config.mixed_precision, device)
+    unet_config = load_unet_config(config.model)
+    resolution = config.resolution or native_resolution(unet_config)
+    check_resolution(resolution, unet_config, config.model)
+    check_output_dir(config)
+    return replace(config, resolution=resolution, alpha=config.lora_alpha)
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    output_dir = config.output_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LoraDBError(f"--output-dir {output_dir} is a file; choose a folder")
+    holds_run = output_dir.is_dir() and (
+        any((output_dir / name).exists() for name in RUN_FILES) or list_checkpoints(output_dir)
+    )
+    if holds_run and not (config.resume_from_checkpoint or config.overwrite):
+        raise LoraDBError(
+            f"--output-dir {output_dir} already holds a run; continue it with --resume-from-checkpoint latest, "
+            "start afresh with --overwrite, or choose another folder"
+        )
+
+
+def _clear_previous_run(output_dir: Path) -> None:
+    """--overwrite: remove only what an earlier lora-db run wrote, never other files."""
+    for path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# -- set-up ---------------------------------------------------------------------------------------------------------
+
+
+def setup_accelerator(config: TrainConfig):
+    import importlib.util
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    kwargs_handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.method == "full")]
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with="tensorboard" if tensorboard else None,
+        project_config=ProjectConfiguration(
+            project_dir=str(config.output_dir), logging_dir=str(config.output_dir / "logs")
+        ),
+        kwargs_handlers=kwargs_handlers,
+    )
+
+
+def setup_class_images(config: TrainConfig, pipe, accelerator, dtype: torch.dtype) -> list[ImageRecord]:
+    """Generate the class images the folder lacks (main process), then scan the folder."""
+    existing = find_images(config.class_dir, option="--class-dir", allow_empty=True)
+    missing = config.num_class_images - len(existing)
+    if missing > 0 and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        logger.info("generating %d class images for %r into %s", missing, config.class_prompt, config.class_dir)
+        tag = hashlib.sha1(config.class_prompt.encode()).hexdigest()[:8]
+        with tqdm(total=missing, desc="class images", unit="img") as bar:
+            images = generate_images(
+                pipe,
+                config.class_prompt,
+                missing,
+                seed=config.seed + len(existing),
+                num_inference_steps=config.class_generation_steps,
+                batch_size=config.class_generation_batch_size,
+                autocast=accelerator.autocast,
+                on_batch=bar.update,
+            )
+        for i, image in enumerate(images):
+            number = len(existing) + i
+            save_png(
+                image,
+                config.class_dir / f"class-{tag}-{number:05d}.png",
+                {"prompt": config.class_prompt, "seed": config.seed + number, "generator": "lora-db"},
+            )
+    accelerator.wait_for_everyone()
+    records = scan_images(
+        config.class_dir,
+        config.class_prompt,
+        option="--class-dir",
+        resolution=config.resolution,
+        skip_bad_images=config.skip_bad_images,
+    )
+    return records[: config.num_class_images]
+
+
+def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> Models:
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    for module in (pipe.vae, text_encoder, pipe.image_encoder, pipe.text_decoder, unet):
+        module.requires_grad_(False)
+    specs: dict[str, LoraSpec] = {}
+    trained: dict[str, nn.Module] = {"unet": unet}
+    if config.method == "lora":
+        specs["unet"] = LoraSpec(config.rank, config.lora_alpha, tuple(config.target_modules), config.lora_dropout)
+        inject_lora(unet, specs["unet"])
+        if config.train_text_encoder:
+            specs["text_encoder"] = LoraSpec(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS, config.lora_dropout)
+            inject_lora(text_encoder, specs["text_encoder"])
+            trained["text_encoder"] = text_encoder
+    else:
+        unet.requires_grad_(True)
+    pipe.to(device=device, dtype=dtype)
+    upcast_trainable(*trained.values())
+    set_attention_backend(unet, config.attention)
+    if config.gradient_checkpointing:
+        enable_uvit_gradient_checkpointing(unet)
+        if config.train_text_encoder:
+            enable_text_encoder_gradient_checkpointing(text_encoder)
+    for module in trained.values():
+        module.train()
+    return Models(pipe=pipe, unet=unet, text_encoder=text_encoder, specs=specs, trained=trained)
+
+
+class ExampleSource:
+    """Training examples for the loop: from images each step, or from encodings cached once."""
+
+    def __init__(self, dataset: DreamBoothDataset, pipe, dtype: torch.dtype, device: torch.device, cache: bool):
+        self.dataset, self.pipe, self.dtype, self.device = dataset, pipe, dtype, device
+        self.cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        if cache:
+            self.cache = [self._encode_item(self.dataset[i]) for i in range(len(dataset))]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @torch.no_grad()
+    def _encode_item(self, item: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = item["pixel_values"][None].to(self.device, self.dtype)
+        latent_dist = self.pipe.vae.encode(pixels).latent_dist
+        clip = self._clip_embeds(item["clip_pixel_values"][None])
+        return latent_dist.mean[0], latent_dist.std[0], clip[0]
+
+    def _clip_embeds(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        return self.pipe.image_encoder(pixel_values=clip_pixels.to(self.device, self.dtype)).image_embeds[:, None]
+
+    @torch.no_grad()
+    def batch(
+        self, pairs: list[tuple[int, int]], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Scaled VAE latents (sampled from the posterior), CLIP image embeddings and prompts."""
+        prompts = [self.dataset.records[index].prompt for _, index in pairs]
+        if self.cache is not None:
+            mean, std, clip = (torch.stack(parts) for parts in zip(*(self.cache[i] for _, i in pairs), strict=True))
+        else:
+            items = []
+            for epoch, index in pairs:
+                self.dataset.set_epoch(epoch)
+                items.append(self.dataset[index])
+            pixels = torch.stack([it["pixel_values"] for it in items]).to(self.device, self.dtype)
+            latent_dist = self.pipe.vae.encode(pixels).latent_dist
+            mean, std = latent_dist.mean, latent_dist.std
+            clip = self._clip_embeds(torch.stack([it["clip_pixel_values"] for it in items]))
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + std * noise) * self.pipe.vae.config.scaling_factor
+        return latents, clip, prompts
+
+
+class PromptEncoder:
+    """Prompt -> CLIP text encoder -> text_decoder.encode -> U-ViT text input, with gradients when trained."""
+
+    def __init__(self, pipe, device: torch.device, trainable: bool):
+        self.pipe, self.device, self.trainable = pipe, device, trainable
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.pipe.clip_tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.pipe.clip_tokenizer.model_max_length,
+            return_tensors="pt",
+        )
+        hidden = self.pipe.text_encoder(tokens.input_ids.to(self.device))[0]
+        return self.pipe.text_decoder.encode(hidden)
+
+    def precompute(self, prompts: set[str]) -> None:
+        with torch.no_grad():
+            for prompt in sorted(prompts):
+                self.cache[prompt] = self._encode([prompt])[0]
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        if self.trainable or any(p not in self.cache for p in prompts):
+            with contextlib.nullcontext() if self.trainable else torch.no_grad():
+                return self._encode(prompts)
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def release_encoders(pipe, keep_for_sampling: bool, text_encoder_too: bool) -> None:
+    """After caching: move the VAE / image encoder off the device, or drop them when nothing samples later."""
+    names = ["vae", "image_encoder"] + (["text_encoder"] if text_encoder_too else [])
+    for name in names:
+        module = getattr(pipe, name)
+        if keep_for_sampling:
+            module.to("cpu")
+        else:
+            module.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def setup_optimizer(config: TrainConfig, models: Models):
+    from diffusers.optimization import get_scheduler
+
+    groups = []
+    for component, module in models.trained.items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        lr = config.text_encoder_learning_rate if component == "text_encoder" else None
+        groups.append({"params": params, "lr": lr or config.learning_rate})
+    optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
+    return optimizer, scheduler
+
+
+# -- state of a run -------------------------------------------------------------------------------------------------
+
+
+def trainable_state(models: Models) -> dict[str, torch.Tensor]:
+    return {f"{c}.{n}": p for c, m in models.trained.items() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def rng_state(generator: torch.Generator, accelerator) -> dict[str, torch.Tensor]:
+    """Every process's noise generator and torch RNG (for LoRA dropout), gathered onto the main process."""
+    local = {"noise": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        local["cuda"] = torch.cuda.get_rng_state()
+    return {name: accelerator.gather(state.to(accelerator.device)[None]).cpu() for name, state in local.items()}
+
+
+def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, rank: int) -> None:
+    generator.set_state(rng["noise"][rank].to(torch.uint8))
+    torch.set_rng_state(rng["torch"][rank].to(torch.uint8))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][rank].to(torch.uint8))
+
+
+def restore(path: Path, models: Models, optimizer, scheduler, generator: torch.Generator, accelerator) -> int:
+    state = load_checkpoint(path)
+    params = trainable_state(models)
+    if set(state.trainable) != set(params):
+        raise LoraDBError(
+            f"checkpoint {path} was written by a different configuration (other trained weights); "
+            "resume with the options of that run"
+        )
+    with torch.no_grad():
+        for name, tensor in state.trainable.items():
+            if tensor.shape != params[name].shape:
+                raise LoraDBError(
+                    f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the run expects "
+                    f"{tuple(params[name].shape)}; resume with the options of that run"
+                )
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    restore_rng_state(state.rng, generator, accelerator.process_index)
+    return state.step
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
+    return {
+        "base_model": config.model,
+        "instance_prompt": config.instance_prompt,
+        "class_prompt": config.class_prompt or "",
+        "steps": str(step),
+        "resolution": str(config.resolution),
+        "lora_db_version": __version__,
+    }
+
+
+def save_outputs(config: TrainConfig, models: Models, step: int) -> Path:
+    """The run's result: the adapter file (LoRA) or a diffusers U-ViT folder (full fine-tuning)."""
+    if config.method == "full":
+        with atomic_directory(config.output_dir / "unet", replace=True) as tmp:
+            models.unet.save_pretrained(tmp, safe_serialization=True)
+        return config.output_dir / "unet"
+    tensors = {component: lora_state_dict(module) for component, module in models.trained.items()}
+    return save_adapter(config.output_dir / ADAPTER_FILE, tensors, models.specs, adapter_metadata(config, step))
+
+
+def run_validation(config: TrainConfig, models: Models, accelerator, step: int) -> Path:
+    folder = config.output_dir / "validation"
+    for module in models.trained.values():
+        module.eval()
+    for name in ("vae", "image_encoder", "text_encoder"):
+        getattr(models.pipe, name).to(accelerator.device)
+    images = generate_images(
+        models.pipe,
+        config.validation_prompt,
+        config.num_validation_images,
+        seed=config.seed,
+        num_inference_steps=config.validation_inference_steps,
+        guidance_scale=config.validation_guidance_scale,
+        autocast=accelerator.autocast,
+    )
+    for i, image in enumerate(images):
+        save_png(
+            image,
+            folder / f"step-{step:06d}-{i}.png",
+            {"prompt": config.validation_prompt, "seed": config.seed + i, "step": step},
+        )
+    save_png(image_grid([images]), folder / f"step-{step:06d}.png", {"prompt": config.validation_prompt})
+    for module in models.trained.values():
+        module.train()
+    return folder
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> TrainResult:
+    config = check_before_loading(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    accelerator = setup_accelerator(config)
+    device = accelerator.device
+    instance_records = scan_images(
+        config.instance_dir,
+        config.instance_prompt,
+        option="--instance-dir",
+        resolution=config.resolution,
+        skip_bad_images=config.skip_bad_images,
+    )
+    dtype = weight_dtype(config.mixed_precision)
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    set_seed(config.seed)
+    pipe = load_pipeline(config.model, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    class_records = setup_class_images(config, pipe, accelerator, dtype) if config.with_prior_preservation else []
+
+    if accelerator.is_main_process:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            _clear_previous_run(config.output_dir)
+        atomic_write_json(config.output_dir / "config.json", config.to_dict())
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    models = setup_models(config, pipe, dtype, device)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def source(records: list[ImageRecord]) -> ExampleSource:
+        dataset = DreamBoothDataset(
+            records,
+            config.resolution,
+            pipe.clip_image_processor,
+            random_crop=config.random_crop,
+            random_flip=config.random_flip,
+            seed=config.seed,
+        )
+        return ExampleSource(dataset, pipe, dtype, device, cache=config.cache_latents)
+
+    sources = [source(instance_records)] + ([source(class_records)] if class_records else [])
+    prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder)
+    if not config.train_text_encoder:
+        prompts.precompute({r.prompt for r in instance_records + class_records})
+    if config.cache_latents:
+        release_encoders(
+            pipe,
+            keep_for_sampling=config.validation_prompt is not None,
+            text_encoder_too=not config.train_text_encoder,
+        )
+
+    optimizer, lr_scheduler = setup_optimizer(config, models)
+    prepared = accelerator.prepare(*models.trained.values(), optimizer)
+    wrapped, optimizer = prepared[:-1], prepared[-1]
+    wrapped_unet = wrapped[0]
+    generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + accelerator.process_index)
+
+    start_step = 0
+    metrics_path = config.output_dir / METRICS_FILE
+    if config.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        if checkpoint is None:
+            logger.warning("no checkpoint in %s yet: starting a new run", config.output_dir)
+        else:
+            start_step = restore(checkpoint, models, optimizer, lr_scheduler, generator, accelerator)
+            logger.info("resumed from %s at step %d", checkpoint, start_step)
+            if accelerator.is_main_process:
+                truncate_metrics(metrics_path, start_step)
+    if accelerator.is_main_process and config.overwrite:
+        metrics_path.unlink(missing_ok=True)
+    if accelerator.log_with:
+        accelerator.init_trackers("lora-db")
+
+    logger.info(
+        "training %s parameters of %s (%s)",
+        f"{count_parameters(*models.trained.values(), trainable_only=True):,}",
+        f"{count_parameters(models.unet, models.text_encoder):,}",
+        config.method,
+    )
+    from tqdm.auto import tqdm
+
+    progress = tqdm(
+        total=config.max_train_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    reset_peak_memory(device)
+    losses: list[float] = []
+    validation_dir = None
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step = start_step
+    while step < config.max_train_steps:
+        started = time.perf_counter()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(config.gradient_accumulation_steps):
+            micro_step = step * config.gradient_accumulation_steps + micro
+            latents, clips, texts = [], [], []
+            for src in sources:
+                pairs = batch_indices(len(src), config.train_batch_size, micro_step, config.seed, rank, world)
+                lat, clip, prm = src.batch(pairs, generator)
+                latents.append(lat)
+                clips.append(clip)
+                texts.extend(prm)
+            sync = micro == config.gradient_accumulation_steps - 1
+            with contextlib.ExitStack() as stack:
+                if not sync:
+                    for module in wrapped:
+                        stack.enter_context(accelerator.no_sync(module))
+                with accelerator.autocast():
+                    per_example = dreambooth_loss(
+                        wrapped_unet,
+                        torch.cat(latents),
+                        torch.cat(clips),
+                        prompts(texts),
+                        noise_scheduler,
+                        generator,
+                        config.uncond_prob,
+                    )
+                n = config.train_batch_size
+                loss = per_example[:n].mean()
+                if class_records:
+                    loss = loss + config.prior_loss_weight * per_example[n:].mean()
+                if not torch.isfinite(loss):
+                    raise LoraDBError(
+                        f"the loss became {loss.item()} at step {step + 1}: lower --learning-rate, or use bf16 "
+                        "instead of fp16; the last checkpoint (if any) is intact"
+                    )
+                accelerator.backward(loss / config.gradient_accumulation_steps)
+            step_loss += loss.detach() / config.gradient_accumulation_steps
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(
+                [p for m in models.trained.values() for p in m.parameters() if p.requires_grad],
+                config.max_grad_norm,
+            )
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        losses.append(mean_loss)
+        record = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": lr_scheduler.get_last_lr()[0],
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "step_time_s": time.perf_counter() - started,
+        }
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if accelerator.log_with:
+            accelerator.log(record, step=step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{mean_loss:.4f}", peak=f"{record['peak_memory_bytes'] / 2**30:.2f}GiB")
+
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            rng = rng_state(generator, accelerator)
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    config.output_dir,
+                    TrainingState(
+                        step, trainable_state(models), optimizer.state_dict(), lr_scheduler.state_dict(), rng
+                    ),
+                    config.checkpoints_total_limit,
+                )
+        is_last = step == config.max_train_steps
+        if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+            if accelerator.is_main_process:
+                validation_dir = run_validation(config, models, accelerator, step)
+                if config.cache_latents:
+                    release_encoders(pipe, keep_for_sampling=True, text_encoder_too=not config.train_text_encoder)
+            accelerator.wait_for_everyone()
+    progress.close()
+
+    adapter_path = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        adapter_path = save_outputs(config, models, step)
+    accelerator.end_training()
+    return TrainResult(config.output_dir, adapter_path, step, losses, validation_dir)
