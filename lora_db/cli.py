@@ -154,7 +154,10 @@ def main() -> None:
         if _debug_enabled():
             raise
         typer.echo(f"error: {err}", err=True)
-        sys.exit(1)
+        sys.exit(getattr(err, "exit_code", 1))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -122,17 +122,46 @@ def upcast_trainable(*models: nn.Module) -> None:
                 param.data = param.data.float()
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's counters on a GPU; on Linux the process's peak resident set (VmHWM)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak then counts from the process start
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak device memory: CUDA's max allocated bytes on a GPU, the process's peak resident memory on the CPU."""
+    """Peak device memory since the last reset: CUDA's max allocated bytes, or the process's peak resident memory."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory in use now: CUDA allocated bytes, or the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    current = _proc_status_bytes("VmRSS")
+    return current if current is not None else peak_memory_bytes(device)
 
 
 def count_parameters(*models: nn.Module, trainable_only: bool = False) -> int:

@@ -31,7 +31,7 @@ from . import __version__
 from .adapters import LoraSpec, inject_lora, lora_state_dict, save_adapter
 from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TEXT_ENCODER_TARGETS, TrainConfig
-from .data import DreamBoothDataset, ImageRecord, find_images, scan_images
+from .data import DreamBoothDataset, ImageRecord, collate, find_images, scan_images
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json, atomic_write_text
 from .memory import (
@@ -39,6 +39,7 @@ from .memory import (
     check_mixed_precision,
     check_optimizer,
     count_parameters,
+    current_memory_bytes,
     enable_text_encoder_gradient_checkpointing,
     enable_uvit_gradient_checkpointing,
     make_optimizer,
@@ -55,7 +56,7 @@ logger = logging.getLogger("lora_db")
 
 ADAPTER_FILE = "adapter.safetensors"
 METRICS_FILE = "metrics.jsonl"
-RUN_FILES = (ADAPTER_FILE, METRICS_FILE, "config.json", "unet")
+RUN_FILES = (ADAPTER_FILE, METRICS_FILE, "config.json", "summary.json", "unet")
 
 
 @dataclass
@@ -303,10 +304,10 @@ class ExampleSource:
             for epoch, index in pairs:
                 self.dataset.set_epoch(epoch)
                 items.append(self.dataset[index])
-            pixels = torch.stack([it["pixel_values"] for it in items]).to(self.device, self.dtype)
-            latent_dist = self.pipe.vae.encode(pixels).latent_dist
+            batch = collate(items)
+            latent_dist = self.pipe.vae.encode(batch["pixel_values"].to(self.device, self.dtype)).latent_dist
             mean, std = latent_dist.mean, latent_dist.std
-            clip = self._clip_embeds(torch.stack([it["clip_pixel_values"] for it in items]))
+            clip = self._clip_embeds(batch["clip_pixel_values"])
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = (mean + std * noise) * self.pipe.vae.config.scaling_factor
         return latents, clip, prompts
@@ -477,9 +478,31 @@ def run_validation(config: TrainConfig, models: Models, accelerator, step: int) 
 # -- the run --------------------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> TrainResult:
-    config = check_before_loading(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    accelerator = setup_accelerator(config)
+@dataclass
+class Run:
+    """Everything the loop touches, built by `setup_run`."""
+
+    config: TrainConfig
+    accelerator: object
+    models: Models
+    sources: list[ExampleSource]
+    prompts: PromptEncoder
+    noise_scheduler: object
+    optimizer: object
+    lr_scheduler: object
+    wrapped: list[nn.Module]
+    generator: torch.Generator
+    setup_memory_bytes: int = 0
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.models.trained.values() for p in m.parameters() if p.requires_grad]
+
+
+def setup_run(config: TrainConfig, accelerator) -> Run:
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
     device = accelerator.device
     instance_records = scan_images(
         config.instance_dir,
@@ -489,23 +512,14 @@ def train(config: TrainConfig) -> TrainResult:
         skip_bad_images=config.skip_bad_images,
     )
     dtype = weight_dtype(config.mixed_precision)
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-
     set_seed(config.seed)
     pipe = load_pipeline(config.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     class_records = setup_class_images(config, pipe, accelerator, dtype) if config.with_prior_preservation else []
 
-    if accelerator.is_main_process:
-        config.output_dir.mkdir(parents=True, exist_ok=True)
-        if config.overwrite:
-            _clear_previous_run(config.output_dir)
-        atomic_write_json(config.output_dir / "config.json", config.to_dict())
     torch.manual_seed(config.seed)  # LoRA initialisation
     models = setup_models(config, pipe, dtype, device)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def source(records: list[ImageRecord]) -> ExampleSource:
         dataset = DreamBoothDataset(
@@ -524,37 +538,159 @@ def train(config: TrainConfig) -> TrainResult:
         prompts.precompute({r.prompt for r in instance_records + class_records})
     if config.cache_latents:
         release_encoders(
-            pipe,
-            keep_for_sampling=config.validation_prompt is not None,
-            text_encoder_too=not config.train_text_encoder,
+            pipe, keep_for_sampling=config.validation_prompt is not None, text_encoder_too=not config.train_text_encoder
         )
-
     optimizer, lr_scheduler = setup_optimizer(config, models)
-    prepared = accelerator.prepare(*models.trained.values(), optimizer)
-    wrapped, optimizer = prepared[:-1], prepared[-1]
-    wrapped_unet = wrapped[0]
+    *wrapped, optimizer = accelerator.prepare(*models.trained.values(), optimizer)
     generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + accelerator.process_index)
+    return Run(
+        config=config,
+        accelerator=accelerator,
+        models=models,
+        sources=sources,
+        prompts=prompts,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        wrapped=wrapped,
+        generator=generator,
+        setup_memory_bytes=current_memory_bytes(device),
+    )
 
-    start_step = 0
+
+def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
+    """Loss of one micro-batch: instance MSE + prior_loss_weight x class MSE (class examples share the batch)."""
+    config, accelerator = run.config, run.accelerator
+    latents, clips, texts = [], [], []
+    for source in run.sources:
+        pairs = batch_indices(
+            len(source),
+            config.train_batch_size,
+            micro_step,
+            config.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        batch_latents, batch_clips, batch_prompts = source.batch(pairs, run.generator)
+        latents.append(batch_latents)
+        clips.append(batch_clips)
+        texts.extend(batch_prompts)
+    with accelerator.autocast():
+        per_example = dreambooth_loss(
+            run.wrapped[0],
+            torch.cat(latents),
+            torch.cat(clips),
+            run.prompts(texts),
+            run.noise_scheduler,
+            run.generator,
+            config.uncond_prob,
+        )
+    n = config.train_batch_size
+    loss = per_example[:n].mean()
+    if len(run.sources) > 1:
+        loss = loss + config.prior_loss_weight * per_example[n:].mean()
+    return loss
+
+
+def optimizer_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+    config, accelerator = run.config, run.accelerator
+    accumulation = config.gradient_accumulation_steps
+    step_loss = torch.zeros((), device=accelerator.device)
+    for micro in range(accumulation):
+        with contextlib.ExitStack() as stack:
+            if micro < accumulation - 1:  # gradients are all-reduced only on the last micro-batch
+                for module in run.wrapped:
+                    stack.enter_context(accelerator.no_sync(module))
+            loss = micro_batch_loss(run, step * accumulation + micro)
+            if not torch.isfinite(loss):
+                raise LoraDBError(
+                    f"the loss became {loss.item()} at step {step + 1}: lower --learning-rate, or use bf16 instead "
+                    "of fp16; the checkpoints saved so far are intact"
+                )
+            accelerator.backward(loss / accumulation)
+        step_loss += loss.detach() / accumulation
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(run.trainable_parameters, config.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_loss, reduction="mean")
+
+
+def resume(run: Run) -> int:
+    """Restore the checkpoint named by --resume-from-checkpoint; returns the step to continue from."""
+    config = run.config
+    checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if checkpoint is None:
+        logger.warning("no checkpoint in %s yet: starting a new run", config.output_dir)
+        return 0
+    step = restore(checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator)
+    logger.info("resumed from %s at step %d", checkpoint, step)
+    if run.accelerator.is_main_process:
+        truncate_metrics(config.output_dir / METRICS_FILE, step)
+    return step
+
+
+def checkpoint(run: Run, step: int) -> Path | None:
+    rng = rng_state(run.generator, run.accelerator)  # a collective: every process takes part
+    if not run.accelerator.is_main_process:
+        return None
+    state = TrainingState(
+        step, trainable_state(run.models), run.optimizer.state_dict(), run.lr_scheduler.state_dict(), rng
+    )
+    return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit)
+
+
+class TrainingInterrupted(LoraDBError):
+    """Ctrl-C during training: the run was checkpointed and can be resumed."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def stop_on_sigint():
+    """A first Ctrl-C asks the loop to stop after the current step; a second one stops at once."""
+    import signal
+    import threading
+
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        logger.warning("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    config = check_before_loading(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    accelerator = setup_accelerator(config)
+    device = accelerator.device
+    run = setup_run(config, accelerator)
     metrics_path = config.output_dir / METRICS_FILE
-    if config.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.warning("no checkpoint in %s yet: starting a new run", config.output_dir)
-        else:
-            start_step = restore(checkpoint, models, optimizer, lr_scheduler, generator, accelerator)
-            logger.info("resumed from %s at step %d", checkpoint, start_step)
-            if accelerator.is_main_process:
-                truncate_metrics(metrics_path, start_step)
-    if accelerator.is_main_process and config.overwrite:
-        metrics_path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            _clear_previous_run(config.output_dir)
+        atomic_write_json(config.output_dir / "config.json", config.to_dict())
+    start_step = resume(run) if config.resume_from_checkpoint else 0
     if accelerator.log_with:
         accelerator.init_trackers("lora-db")
-
+    trainable = count_parameters(*run.models.trained.values(), trainable_only=True)
     logger.info(
-        "training %s parameters of %s (%s)",
-        f"{count_parameters(*models.trained.values(), trainable_only=True):,}",
-        f"{count_parameters(models.unet, models.text_encoder):,}",
+        "training %s of %s parameters (%s)",
+        f"{trainable:,}",
+        f"{count_parameters(run.models.unet, run.models.text_encoder):,}",
         config.method,
     )
     from tqdm.auto import tqdm
@@ -566,98 +702,66 @@ def train(config: TrainConfig) -> TrainResult:
         unit="step",
         disable=not accelerator.is_local_main_process,
     )
-    reset_peak_memory(device)
     losses: list[float] = []
     validation_dir = None
-    world, rank = accelerator.num_processes, accelerator.process_index
+    reset_peak_memory(device)
     step = start_step
-    while step < config.max_train_steps:
-        started = time.perf_counter()
-        step_loss = torch.zeros((), device=device)
-        for micro in range(config.gradient_accumulation_steps):
-            micro_step = step * config.gradient_accumulation_steps + micro
-            latents, clips, texts = [], [], []
-            for src in sources:
-                pairs = batch_indices(len(src), config.train_batch_size, micro_step, config.seed, rank, world)
-                lat, clip, prm = src.batch(pairs, generator)
-                latents.append(lat)
-                clips.append(clip)
-                texts.extend(prm)
-            sync = micro == config.gradient_accumulation_steps - 1
-            with contextlib.ExitStack() as stack:
-                if not sync:
-                    for module in wrapped:
-                        stack.enter_context(accelerator.no_sync(module))
-                with accelerator.autocast():
-                    per_example = dreambooth_loss(
-                        wrapped_unet,
-                        torch.cat(latents),
-                        torch.cat(clips),
-                        prompts(texts),
-                        noise_scheduler,
-                        generator,
-                        config.uncond_prob,
-                    )
-                n = config.train_batch_size
-                loss = per_example[:n].mean()
-                if class_records:
-                    loss = loss + config.prior_loss_weight * per_example[n:].mean()
-                if not torch.isfinite(loss):
-                    raise LoraDBError(
-                        f"the loss became {loss.item()} at step {step + 1}: lower --learning-rate, or use bf16 "
-                        "instead of fp16; the last checkpoint (if any) is intact"
-                    )
-                accelerator.backward(loss / config.gradient_accumulation_steps)
-            step_loss += loss.detach() / config.gradient_accumulation_steps
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(
-                [p for m in models.trained.values() for p in m.parameters() if p.requires_grad],
-                config.max_grad_norm,
-            )
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-        losses.append(mean_loss)
-        record = {
-            "step": step,
-            "loss": mean_loss,
-            "lr": lr_scheduler.get_last_lr()[0],
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "step_time_s": time.perf_counter() - started,
-        }
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if accelerator.log_with:
-            accelerator.log(record, step=step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{mean_loss:.4f}", peak=f"{record['peak_memory_bytes'] / 2**30:.2f}GiB")
-
-        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-            rng = rng_state(generator, accelerator)
+    with stop_on_sigint() as stop_requested:
+        while step < config.max_train_steps:
+            started = time.perf_counter()
+            loss = optimizer_step(run, step).item()
+            step += 1
+            losses.append(loss)
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": run.lr_scheduler.get_last_lr()[0],
+                "peak_memory_bytes": peak_memory_bytes(device),
+                "step_time_s": time.perf_counter() - started,
+            }
             if accelerator.is_main_process:
-                save_checkpoint(
-                    config.output_dir,
-                    TrainingState(
-                        step, trainable_state(models), optimizer.state_dict(), lr_scheduler.state_dict(), rng
-                    ),
-                    config.checkpoints_total_limit,
-                )
-        is_last = step == config.max_train_steps
-        if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
-            if accelerator.is_main_process:
-                validation_dir = run_validation(config, models, accelerator, step)
-                if config.cache_latents:
-                    release_encoders(pipe, keep_for_sampling=True, text_encoder_too=not config.train_text_encoder)
-            accelerator.wait_for_everyone()
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if accelerator.log_with:
+                accelerator.log(record, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", peak=f"{record['peak_memory_bytes'] / 2**30:.2f}GiB")
+
+            stopping = stop_requested.is_set()
+            if stopping or (config.checkpointing_steps and step % config.checkpointing_steps == 0):
+                saved = checkpoint(run, step)
+                if stopping:
+                    progress.close()
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}; checkpoint saved to {saved}; continue with the same command "
+                        "and --resume-from-checkpoint latest"
+                    )
+            is_last = step == config.max_train_steps
+            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+                if accelerator.is_main_process:
+                    validation_dir = run_validation(config, run.models, accelerator, step)
+                    if config.cache_latents:
+                        release_encoders(
+                            run.models.pipe, keep_for_sampling=True, text_encoder_too=not config.train_text_encoder
+                        )
+                accelerator.wait_for_everyone()
     progress.close()
 
     adapter_path = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter_path = save_outputs(config, models, step)
+        adapter_path = save_outputs(config, run.models, step)
+        atomic_write_json(
+            config.output_dir / "summary.json",
+            {
+                "steps": step,
+                "final_loss": losses[-1] if losses else None,
+                "trainable_parameters": trainable,
+                "peak_memory_bytes": peak_memory_bytes(device),
+                "setup_memory_bytes": run.setup_memory_bytes,
+                "device": str(device),
+                "output": str(adapter_path),
+            },
+        )
     accelerator.end_training()
     return TrainResult(config.output_dir, adapter_path, step, losses, validation_dir)
