@@ -61,26 +61,38 @@ def resolve_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return path
 
 
+def _flatten(tree: Mapping[str, Any], prefix: str, tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+    """Split a nested dict into tensors (keyed by their '/'-joined path) and JSON-able values."""
+    for name, value in tree.items():
+        path = f"{prefix}/{name}" if prefix else str(name)
+        if torch.is_tensor(value):
+            tensors[path] = value.detach().cpu().contiguous()
+        elif isinstance(value, Mapping):
+            _flatten(value, path, tensors, rest)
+        else:
+            rest[path] = value
+
+
+def _set_path(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
 def _flatten_optimizer(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    # Optimizer states nest (bitsandbytes keeps its quantisation state in a dict per parameter).
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, param_state in state_dict["state"].items():
-        for name, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
+    scalars: dict[str, Any] = {}
+    _flatten({str(index): values for index, values in state_dict["state"].items()}, "", tensors, scalars)
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], rest: Mapping[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = tensor
-    for index, values in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": rest["param_groups"]}
+    tree: dict[str, Any] = {}
+    for path, value in [*tensors.items(), *rest["scalars"].items()]:
+        _set_path(tree, path, value)
+    return {"state": {int(index): values for index, values in tree.items()}, "param_groups": rest["param_groups"]}
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, total_limit: int | None = None) -> Path:

@@ -195,6 +195,8 @@ def setup_accelerator(config: TrainConfig):
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     kwargs_handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.method == "full")]
     return Accelerator(
+        # Without cpu=True accelerate only forms a process group on accelerators; torchrun on CPUs needs gloo.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         log_with="tensorboard" if tensorboard else None,
         project_config=ProjectConfiguration(
@@ -675,7 +677,20 @@ def stop_on_sigint():
 def train(config: TrainConfig) -> TrainResult:
     config = check_before_loading(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     accelerator = setup_accelerator(config)
+    try:
+        return _train(config, accelerator)
+    finally:
+        from accelerate.state import AcceleratorState
+
+        # accelerate keeps one process-wide state; clearing it lets a notebook or test run train() again with
+        # other precision settings. The process group (PartialState) stays.
+        AcceleratorState._reset_state()
+
+
+def _train(config: TrainConfig, accelerator) -> TrainResult:
     device = accelerator.device
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
     run = setup_run(config, accelerator)
     metrics_path = config.output_dir / METRICS_FILE
     if accelerator.is_main_process:
@@ -760,6 +775,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "peak_memory_bytes": peak_memory_bytes(device),
                 "setup_memory_bytes": run.setup_memory_bytes,
                 "device": str(device),
+                "num_processes": accelerator.num_processes,
                 "output": str(adapter_path),
             },
         )

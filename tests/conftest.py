@@ -1,0 +1,39 @@
+"""Shared fixtures: demo photos made offline and a tiny-model training config factory."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory):
+    from lora_db.data import make_demo_images
+
+    folder = tmp_path_factory.mktemp("photos")
+    make_demo_images(folder, count=4, size=96)
+    return folder
+
+
+@pytest.fixture
+def tiny_config(instance_dir, tmp_path):
+    """TrainConfig for the tiny model; keyword arguments override the test defaults."""
+    from lora_db.config import TrainConfig
+
+    def make(**overrides):
+        values = {
+            "model": "tiny",
+            "instance_dir": instance_dir,
+            "instance_prompt": "a photo of sks robot",
+            "output_dir": tmp_path / "out",
+            "max_train_steps": 8,
+            "learning_rate": 5e-3,
+        }
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    return make

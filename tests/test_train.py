@@ -1,0 +1,212 @@
+"""Training on the tiny model: the loss falls, only LoRA weights move, options combine, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_db.adapters import read_adapter
+from lora_db.checkpoint import list_checkpoints
+from lora_db.errors import LoraDBError
+from lora_db.train import batch_indices, check_before_loading, optimizer_step, setup_accelerator, setup_run, train
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_outputs_are_complete(tiny_config):
+    config = tiny_config(max_train_steps=40, learning_rate=1e-2)
+    result = train(config)
+    losses = result.losses
+    assert len(losses) == 40
+    assert statistics.mean(losses[-10:]) < 0.9 * statistics.mean(losses[:10])
+
+    rows = metrics(config.output_dir)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert all({"step", "loss", "lr", "peak_memory_bytes"} <= set(r) for r in rows)
+    assert all(r["peak_memory_bytes"] > 0 for r in rows)
+
+    adapter = read_adapter(result.adapter_path)
+    assert set(adapter.tensors) == {"unet"}
+    assert adapter.specs["unet"].rank == 4 and adapter.specs["unet"].alpha == 4.0
+    assert adapter.specs["unet"].target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    meta = adapter.metadata
+    assert meta["base_model"] == "tiny"
+    assert meta["instance_prompt"] == "a photo of sks robot"
+    assert meta["steps"] == "40"
+    assert meta["lora_db_version"]
+    # 5 blocks x 4 projections x (A, B)
+    assert len(adapter.tensors["unet"]) == 40
+    assert all(k.startswith("transformer.") for k in adapter.tensors["unet"])
+
+    resolved = json.loads((config.output_dir / "config.json").read_text())
+    assert resolved["resolution"] == 64 and resolved["alpha"] == 4.0
+    assert not [p for p in config.output_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_pinned_first_step_loss(tiny_config):
+    first = train(tiny_config(max_train_steps=1)).losses[0]
+    assert first == pytest.approx(1.5469564, abs=1e-4)
+
+
+def _frozen_state(run):
+    return {
+        f"{name}.{key}": tensor.detach().clone()
+        for name in ("unet", "text_encoder", "vae", "image_encoder", "text_decoder")
+        for key, tensor in getattr(run.models.pipe, name).state_dict().items()
+        if "lora_" not in key
+    }
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_only_lora_weights_change(tiny_config, train_text_encoder):
+    config = check_before_loading(
+        tiny_config(train_text_encoder=train_text_encoder, learning_rate=1e-2), torch.device("cpu")
+    )
+    run = setup_run(config, setup_accelerator(config))
+    frozen = _frozen_state(run)
+    lora_before = {k: v.detach().clone() for k, v in run.models.unet.named_parameters() if "lora_" in k}
+    for step in range(3):
+        optimizer_step(run, step)
+    after = _frozen_state(run)
+    assert frozen.keys() == after.keys()
+    changed = [k for k in frozen if not torch.equal(frozen[k], after[k])]
+    assert changed == []
+    lora_after = dict(run.models.unet.named_parameters())
+    assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
+
+
+def test_text_encoder_lora_learns(tiny_config):
+    config = tiny_config(train_text_encoder=True, max_train_steps=5, learning_rate=1e-2)
+    adapter = read_adapter(train(config).adapter_path)
+    assert set(adapter.tensors) == {"unet", "text_encoder"}
+    assert adapter.specs["text_encoder"].target_modules == ("q_proj", "k_proj", "v_proj", "out_proj")
+    # lora_B starts at zero: a non-zero B means gradients reached the text encoder through text_decoder.encode.
+    b_norms = [t.abs().sum().item() for k, t in adapter.tensors["text_encoder"].items() if "lora_B" in k]
+    assert b_norms and all(n > 0 for n in b_norms)
+
+
+MEMORY_OPTIONS = {
+    "checkpointing": {"gradient_checkpointing": True},
+    "adamw8bit": {"optimizer": "adamw8bit"},
+    "bf16": {"mixed_precision": "bf16"},
+    "cache": {"cache_latents": True},
+    "text_encoder": {"train_text_encoder": True},
+    "prior": {"class_prompt": "a photo of a robot", "num_class_images": 3, "class_generation_steps": 2},
+}
+
+
+@pytest.mark.parametrize("name", [*MEMORY_OPTIONS, "all"])
+def test_memory_options_alone_and_together(tiny_config, tmp_path, name):
+    options = (
+        {k: v for opts in MEMORY_OPTIONS.values() for k, v in opts.items()} if name == "all" else MEMORY_OPTIONS[name]
+    )
+    if "class_prompt" in options:
+        options = {**options, "class_dir": tmp_path / "class"}
+    config = tiny_config(max_train_steps=30, learning_rate=1e-2, **options)
+    result = train(config)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert statistics.mean(result.losses[-10:]) < statistics.mean(result.losses[:10])
+    assert result.adapter_path.is_file()
+
+
+def test_gradient_checkpointing_does_not_change_the_math(tiny_config, tmp_path):
+    plain = train(tiny_config(output_dir=tmp_path / "a", max_train_steps=4)).losses
+    checkpointed = train(tiny_config(output_dir=tmp_path / "b", max_train_steps=4, gradient_checkpointing=True)).losses
+    assert checkpointed == pytest.approx(plain, abs=1e-5)
+
+
+def test_class_images_are_generated_once_and_reused(tiny_config, tmp_path):
+    class_dir = tmp_path / "class"
+    options = {"class_prompt": "a photo of a robot", "class_dir": class_dir, "num_class_images": 3}
+    train(tiny_config(output_dir=tmp_path / "a", max_train_steps=2, class_generation_steps=2, **options))
+    images = sorted(class_dir.glob("*.png"))
+    assert len(images) == 3
+    stamps = [p.stat().st_mtime_ns for p in images]
+    train(tiny_config(output_dir=tmp_path / "b", max_train_steps=2, class_generation_steps=2, **options))
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
+    options = {
+        "max_train_steps": 8,
+        "checkpointing_steps": 4,
+        "gradient_accumulation_steps": 2,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 2,
+        "lora_dropout": 0.1,
+        "uncond_prob": 0.3,
+        "random_flip": True,
+        "optimizer": "adamw8bit",
+        "train_text_encoder": True,
+    }
+    full = tmp_path / "full"
+    train(tiny_config(output_dir=full, **options))
+    expected = metrics(full)
+
+    # An interrupted run: everything after the step-4 checkpoint is lost.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(full / "checkpoint-4", interrupted / "checkpoint-4")
+    (interrupted / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in expected[:5]))
+    result = train(tiny_config(output_dir=interrupted, resume_from_checkpoint="latest", **options))
+    resumed = metrics(interrupted)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]
+    with safe_open(str(result.adapter_path), "pt") as a, safe_open(str(full / "adapter.safetensors"), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+
+
+def test_checkpoint_pruning_keeps_the_newest(tiny_config):
+    config = tiny_config(max_train_steps=10, checkpointing_steps=2, checkpoints_total_limit=2)
+    train(config)
+    assert [p.name for p in list_checkpoints(config.output_dir)] == ["checkpoint-8", "checkpoint-10"]
+
+
+def test_an_output_folder_holding_a_run_is_refused(tiny_config):
+    config = tiny_config(max_train_steps=1)
+    train(config)
+    (config.output_dir / "notes.txt").write_text("mine")
+    with pytest.raises(LoraDBError, match="already holds a run"):
+        train(config)
+    train(tiny_config(max_train_steps=1, overwrite=True))
+    assert (config.output_dir / "notes.txt").read_text() == "mine"
+
+
+def test_resolution_other_than_native_is_refused(tiny_config):
+    with pytest.raises(LoraDBError, match="use --resolution 64"):
+        train(tiny_config(resolution=128))
+
+
+def test_unknown_target_module_lists_the_available_ones(tiny_config):
+    with pytest.raises(LoraDBError, match=r"no linear layer named to_x.*available: .*to_q"):
+        train(tiny_config(target_modules=["to_x"]))
+
+
+def test_feed_forward_targets(tiny_config):
+    result = train(tiny_config(max_train_steps=2, target_modules=["to_q", "ff.net.0.proj", "ff.net.2"]))
+    keys = read_adapter(result.adapter_path).tensors["unet"]
+    assert any("ff.net.2.lora_A" in k for k in keys) and not any("to_k" in k for k in keys)
+
+
+def test_full_fine_tuning_writes_a_unet_folder(tiny_config):
+    result = train(tiny_config(method="full", max_train_steps=3, learning_rate=1e-4))
+    from diffusers import UniDiffuserModel
+
+    unet = UniDiffuserModel.from_pretrained(result.output_dir / "unet")
+    assert sum(p.numel() for p in unet.parameters()) > 50_000
+
+
+def test_batch_indices_cover_every_item_once_per_epoch_and_split_across_processes():
+    seen = [batch_indices(5, 1, step, seed=3) for step in range(5)]
+    assert sorted(index for ((epoch, index),) in seen) == list(range(5))
+    rank0 = batch_indices(6, 2, 0, seed=1, rank=0, world_size=2)
+    rank1 = batch_indices(6, 2, 0, seed=1, rank=1, world_size=2)
+    assert not {i for _, i in rank0} & {i for _, i in rank1}
+    assert batch_indices(6, 2, 7, seed=1) == batch_indices(6, 2, 7, seed=1)
