@@ -1,0 +1,183 @@
+"""The `lora-db` command as users run it: real processes, exit codes, one-line errors, Ctrl-C, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+CLI = [sys.executable, "-m", "lora_db.cli"]
+
+
+def run_cli(*args, check=None, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    if check is not None:
+        assert result.returncode == check, result.stderr[-3000:]
+    return result
+
+
+def train_args(instance_dir, output_dir, *extra):
+    return [
+        "train",
+        "--model",
+        "tiny",
+        "--instance-dir",
+        instance_dir,
+        "--instance-prompt",
+        "a photo of sks robot",
+        "--output-dir",
+        output_dir,
+        "--learning-rate",
+        "5e-3",
+        *extra,
+    ]
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_train_command_end_to_end(instance_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(
+        *train_args(instance_dir, out, "--max-train-steps", "6", "--validation-prompt", "a photo of sks robot"),
+        "--validation-steps",
+        "3",
+        "--validation-inference-steps",
+        "2",
+        check=0,
+    )
+    assert f"adapter: {out / 'adapter.safetensors'}" in result.stdout
+    assert f"validation images: {out / 'validation'}" in result.stdout
+    assert sorted(p.name for p in (out / "validation").glob("step-*.png")) == [
+        "step-000003-0.png",
+        "step-000003-1.png",
+        "step-000003.png",
+        "step-000006-0.png",
+        "step-000006-1.png",
+        "step-000006.png",
+    ]
+
+
+def test_config_file_and_command_line(instance_dir, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "tiny"\ninstance-dir = "{instance_dir}"\ninstance-prompt = "sks"\nrank = 2\n')
+    out = tmp_path / "out"
+    run_cli("train", "--config", config, "--output-dir", out, "--max-train-steps", "2", "--rank", "3", check=0)
+    assert json.loads((out / "config.json").read_text())["rank"] == 3
+
+
+@pytest.mark.parametrize(
+    ("make_input", "extra", "fragment"),
+    [
+        (lambda d: d / "missing", [], "--instance-dir"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", [], "--instance-dir"),
+        (lambda d: folder_with(d / "bad", "x.jpg", b"not a jpeg"), [], "x.jpg"),
+        (lambda d: folder_with(d / "zero", "y.png", b""), [], "y.png"),
+        (lambda d: None, ["--rank", "0"], "--rank must be at least 1"),
+        (lambda d: None, ["--learning-rate", "nan"], "--learning-rate"),
+        (lambda d: None, ["--class-prompt", "a robot"], "--class-prompt needs --class-dir"),
+        (lambda d: None, ["--resolution", "96"], "use --resolution 64"),
+        (lambda d: None, ["--target-modules", "to_x"], "available:"),
+        (lambda d: None, ["--mixed-precision", "fp16"], "fp16 needs a GPU"),
+        (lambda d: None, ["--attention", "xformers"], "xformers"),
+        (lambda d: None, ["--resume-from-checkpoint", "nowhere"], "folder not found"),
+        (lambda d: None, ["--model", "./no/such/folder"], "folder not found"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_exit_code_1(
+    instance_dir, tmp_path, make_input, extra, fragment, monkeypatch, capsys
+):
+    from lora_db.cli import main
+
+    folder = make_input(tmp_path) or instance_dir
+    args = train_args(folder, tmp_path / "out", "--max-train-steps", "1", *extra)
+    monkeypatch.setattr(sys, "argv", ["lora-db", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], stderr[-2000:]
+    assert not (tmp_path / "out" / "adapter.safetensors").exists()
+
+
+def folder_with(folder, name, content):
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    return folder
+
+
+def test_usage_errors_keep_exit_code_2(tmp_path):
+    assert run_cli("train", "--rank", "many").returncode == 2
+    assert run_cli("train", "--mixed-precision", "fp8").returncode == 2
+
+
+def test_hub_model_out_of_reach_explains_how_to_use_a_local_copy(instance_dir, tmp_path):
+    env_result = run_cli(*train_args(instance_dir, tmp_path / "out", "--model", "thu-ml/unidiffuser-v1"), check=1)
+    line = error_line(env_result)
+    assert "thu-ml/unidiffuser-v1" in line and "--model DIR" in line
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(instance_dir, tmp_path):
+    steps = ["--max-train-steps", "120", "--lora-dropout", "0.1"]
+    reference = tmp_path / "reference"
+    run_cli(*train_args(instance_dir, reference, *steps), check=0)
+
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [*CLI, *map(str, train_args(instance_dir, out, *steps))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "--resume-from-checkpoint latest" in stderr
+    assert list(out.glob("checkpoint-*")), "Ctrl-C must leave a checkpoint"
+    assert not (out / "adapter.safetensors").exists()
+
+    run_cli(*train_args(instance_dir, out, *steps, "--resume-from-checkpoint", "latest"), check=0)
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    expected = [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert losses == expected
+
+
+def test_two_process_data_parallel_run(instance_dir, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "lora_db.cli",
+        *map(str, train_args(instance_dir, out, "--max-train-steps", "10", "--checkpointing-steps", "5")),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
+    assert result.stdout.count("adapter:") == 1  # only the main process writes and reports
