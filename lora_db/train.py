@@ -425,8 +425,22 @@ def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint: the resumed run writes them again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short when the process was killed mid-write
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary files and folders of ours that a killed run left behind (never anything else)."""
+    ours = (".checkpoint-", *(f".{name}." for name in RUN_FILES))
+    for path in output_dir.glob(".*.tmp"):
+        if path.name.startswith(ours):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
@@ -620,15 +634,37 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     return accelerator.reduce(step_loss, reduction="mean")
 
 
+def memory_advice(config: TrainConfig) -> str:
+    """The memory options this configuration does not use yet, most effective first."""
+    unused = [
+        (config.method == "full", "--method lora"),
+        (config.mixed_precision == "no", "--mixed-precision bf16"),
+        (not config.gradient_checkpointing, "--gradient-checkpointing"),
+        (config.optimizer == "adamw", "--optimizer adamw8bit"),
+        (not config.cache_latents and not (config.random_crop or config.random_flip), "--cache-latents"),
+        (config.train_batch_size > 1, "a smaller --train-batch-size with --gradient-accumulation-steps"),
+    ]
+    options = [option for applies, option in unused if applies]
+    hint = "try " + ", ".join(options) if options else "every memory option is already on; use a larger device"
+    return f"{hint} (`lora-db estimate` with the same options predicts the peak)"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
 def resume(run: Run) -> int:
     """Restore the checkpoint named by --resume-from-checkpoint; returns the step to continue from."""
     config = run.config
     checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    step = 0
     if checkpoint is None:
         logger.warning("no checkpoint in %s yet: starting a new run", config.output_dir)
-        return 0
-    step = restore(checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator)
-    logger.info("resumed from %s at step %d", checkpoint, step)
+    else:
+        step = restore(checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator)
+        logger.info("resumed from %s at step %d", checkpoint, step)
     if run.accelerator.is_main_process:
         truncate_metrics(config.output_dir / METRICS_FILE, step)
     return step
@@ -695,6 +731,7 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     metrics_path = config.output_dir / METRICS_FILE
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(config.output_dir)
         if config.overwrite:
             _clear_previous_run(config.output_dir)
         atomic_write_json(config.output_dir / "config.json", config.to_dict())
@@ -724,7 +761,12 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     with stop_on_sigint() as stop_requested:
         while step < config.max_train_steps:
             started = time.perf_counter()
-            loss = optimizer_step(run, step).item()
+            try:
+                loss = optimizer_step(run, step).item()
+            except (RuntimeError, MemoryError) as err:
+                if not _is_out_of_memory(err):
+                    raise
+                raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
             step += 1
             losses.append(loss)
             record = {

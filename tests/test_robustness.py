@@ -1,0 +1,116 @@
+"""Failing and interrupted runs: SIGKILL at any moment, NaN losses, a full or read-only disk, out of memory."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lora_db.adapters import read_adapter
+from lora_db.checkpoint import list_checkpoints, load_checkpoint
+from lora_db.errors import LoraDBError
+from lora_db.train import train
+
+
+def read_losses(output_dir):
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def assert_everything_loadable(output_dir):
+    for path in list_checkpoints(output_dir):
+        load_checkpoint(path)
+    if (output_dir / "adapter.safetensors").exists():
+        read_adapter(output_dir / "adapter.safetensors")
+
+
+def test_sigkill_at_any_moment_then_resume_matches_the_uninterrupted_run(instance_dir, tmp_path, tiny_config):
+    steps = 14
+    reference = tmp_path / "reference"
+    train(tiny_config(output_dir=reference, max_train_steps=steps, checkpointing_steps=1))
+    expected = read_losses(reference)
+
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "lora_db.cli", "train", "--model", "tiny", "--instance-dir", str(instance_dir),
+        "--instance-prompt", "a photo of sks robot", "--output-dir", str(out), "--learning-rate", "5e-3",
+        "--max-train-steps", str(steps), "--checkpointing-steps", "1", "--resume-from-checkpoint", "latest",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rng = random.Random(0)
+    # Checkpoints are written every step, so kills land before, during and after checkpoint and adapter writes.
+    for kill_after_lines in (2, 6, 11, steps):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while process.poll() is None and time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after_lines:
+                time.sleep(rng.uniform(0, 0.03))
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        assert_everything_loadable(out)
+
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert read_losses(out) == expected
+    a, b = read_adapter(out / "adapter.safetensors"), read_adapter(reference / "adapter.safetensors")
+    assert all(torch.equal(a.tensors["unet"][k], b.tensors["unet"][k]) for k in b.tensors["unet"])
+    assert not list(out.glob(".*.tmp")), "temporary files of killed runs are cleaned up"
+
+
+def test_a_nan_loss_stops_at_once_and_keeps_the_last_checkpoint(tiny_config):
+    config = tiny_config(max_train_steps=20, checkpointing_steps=1, learning_rate=1e30, max_grad_norm=0)
+    with pytest.raises(LoraDBError, match=r"the loss became (nan|inf) at step \d+: lower --learning-rate"):
+        train(config)
+    checkpoints = list_checkpoints(config.output_dir)
+    assert checkpoints
+    load_checkpoint(checkpoints[-1])
+    assert not (config.output_dir / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize(("code", "fragment"), [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")])
+def test_full_or_read_only_disk_keeps_the_previous_files(tiny_config, monkeypatch, code, fragment):
+    config = tiny_config(max_train_steps=2, checkpointing_steps=2)
+    train(config)
+    adapter = config.output_dir / "adapter.safetensors"
+    before = adapter.read_bytes()
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def failing_save(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata)  # half the file reaches the disk, then the disk fails
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(LoraDBError, match=fragment):
+        train(tiny_config(max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    assert adapter.read_bytes() == before
+    assert [p.name for p in list_checkpoints(config.output_dir)] == ["checkpoint-2"]
+    assert not list(config.output_dir.glob(".*.tmp"))
+
+
+def test_out_of_memory_suggests_the_options_that_would_help(tiny_config, monkeypatch):
+    import lora_db.train as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "dreambooth_loss", out_of_memory)
+    with pytest.raises(
+        LoraDBError,
+        match=r"out of cpu memory at step 1: try --mixed-precision bf16, "
+        r"--gradient-checkpointing, --optimizer adamw8bit, --cache-latents",
+    ):
+        train(tiny_config(max_train_steps=2))
