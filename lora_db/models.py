@@ -101,6 +101,8 @@ def load_pipeline(model: str, torch_dtype=None):
 def quiet_library_logs() -> None:
     """diffusers/transformers warn about UniDiffuser's deprecation and tiny-model details on every load."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # bitsandbytes warns at import about an optional 4-bit CPU kernel that 8-bit Adam does not use.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import diffusers
     import transformers
 
