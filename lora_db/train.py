@@ -99,10 +99,6 @@ def _epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def per_example_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-
-
 def dreambooth_loss(
     unet: nn.Module,
     latents: torch.Tensor,
@@ -206,7 +202,7 @@ def setup_accelerator(config: TrainConfig):
     )
 
 
-def setup_class_images(config: TrainConfig, pipe, accelerator, dtype: torch.dtype) -> list[ImageRecord]:
+def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageRecord]:
     """Generate the class images the folder lacks (main process), then scan the folder."""
     existing = find_images(config.class_dir, option="--class-dir", allow_empty=True)
     missing = config.num_class_images - len(existing)
@@ -532,7 +528,7 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     pipe = load_pipeline(config.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    class_records = setup_class_images(config, pipe, accelerator, dtype) if config.with_prior_preservation else []
+    class_records = setup_class_images(config, pipe, accelerator) if config.with_prior_preservation else []
 
     torch.manual_seed(config.seed)  # LoRA initialisation
     models = setup_models(config, pipe, dtype, device)
