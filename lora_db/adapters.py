@@ -3,8 +3,8 @@
 An adapter file is one safetensors file holding every trained component's LoRA weights, keys prefixed by
 component (`unet.transformer.transformer_in_blocks.0.attn1.to_q.lora_A.weight`, `text_encoder.…`), and in its
 metadata what is needed to load it anywhere (`lora_db.components`: rank, alpha and targets per component; base
-model, prompt, steps, lora-db version). The scale of every LoRA update is alpha / rank, peft's definition,
-used by forward and merge alike.
+model, prompt, steps, lora-db version). The scale of every LoRA update is weight x alpha / rank (`lora_scale`,
+peft's definition times the user's weight), used by hot-swap, merge and combination alike.
 """
 
 from __future__ import annotations
@@ -62,14 +62,36 @@ class AdapterFile:
         return sum(t.numel() for part in self.tensors.values() for t in part.values())
 
 
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The model's Linear layers by name; a layer that already holds LoRA counts under its own name, once."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers: dict[str, nn.Linear] = {}
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in wrapped):
+            continue  # the base layer and LoRA matrices inside an injected layer
+        if isinstance(module, BaseTunerLayer):
+            wrapped.append(name + ".")
+            module = module.get_base_layer()
+        if isinstance(module, nn.Linear):
+            layers[name] = module
+    return layers
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return list(linear_layers(model))
+
+
+def matches_target(name: str, targets: Iterable[str]) -> bool:
+    """peft's rule for a list of targets: the module name equals one or ends with `.` + one."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def check_targets(model: nn.Module, targets: Iterable[str], option: str = "--target-modules") -> None:
     """Every target must match the end of at least one Linear layer's name (peft's matching rule)."""
     names = linear_module_names(model)
-    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    unknown = [t for t in targets if not any(matches_target(n, [t]) for n in names)]
     if unknown:
         suffixes = sorted(
             {".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in names}
@@ -190,3 +212,135 @@ def _check_ranks(path: Path, component: str, part: Mapping[str, torch.Tensor], s
             )
     if not math.isfinite(spec.alpha) or spec.alpha <= 0:
         raise LoraDBError(f"{path}: metadata alpha {spec.alpha} for {component} is not a positive number")
+
+
+def lora_scale(spec: LoraSpec, weight: float = 1.0) -> float:
+    """The factor of B @ A in every use of an adapter (hot-swap forward, merge, combination)."""
+    return weight * spec.scale
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The update scale x B @ A that LoRA adds to a Linear weight, computed in fp32."""
+    return (lora_b.float() @ lora_a.float()) * scale
+
+
+@dataclass(frozen=True)
+class WeightedAdapter:
+    """One `--adapter FILE[:WEIGHT]` value; `path` None stands for the base model alone (`none`)."""
+
+    path: Path | None
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> WeightedAdapter:
+        if text.strip().lower() == "none":
+            return cls(None)
+        head, sep, tail = text.rpartition(":")
+        # A colon followed by a path separator is part of the path, as is any colon of a file that exists.
+        if not sep or "/" in tail or "\\" in tail or Path(text).is_file():
+            return cls(Path(text))
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise LoraDBError(f"--adapter {text}: the weight after ':' must be a number, as in {head}:0.7") from None
+        if not math.isfinite(weight):
+            raise LoraDBError(f"--adapter {text}: the weight must be a finite number, not {tail}")
+        return cls(Path(head), weight)
+
+    def __str__(self) -> str:
+        if self.path is None:
+            return "none"
+        return str(self.path) if self.weight == 1.0 else f"{self.path}:{self.weight:g}"
+
+
+def lora_pairs(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A, B) of one component of an adapter."""
+    part = adapter.tensors[component]
+    pairs = {}
+    for key in part:
+        module, _, kind = key.rpartition(".lora_")
+        if kind != "A.weight":
+            continue
+        b_key = f"{module}.lora_B.weight"
+        if b_key not in part:
+            raise LoraDBError(f"{adapter.path}: {component}.{key} has no matching lora_B; the file is incomplete")
+        pairs[module] = (part[key], part[b_key])
+    orphans = [k for k in part if k.endswith(".lora_B.weight") and k.removesuffix(".lora_B.weight") not in pairs]
+    if orphans:
+        raise LoraDBError(f"{adapter.path}: {component}.{orphans[0]} has no matching lora_A; the file is incomplete")
+    return pairs
+
+
+def check_fits(model: nn.Module, adapter: AdapterFile, component: str) -> None:
+    """Refuse an adapter that does not fit `model`: unknown layers, other shapes, or layers its targets miss."""
+    layers = linear_layers(model)
+    pairs = lora_pairs(adapter, component)
+    for module, (lora_a, lora_b) in pairs.items():
+        if module not in layers:
+            raise LoraDBError(
+                f"{adapter.path}: the model has no linear layer {component}.{module}; "
+                "the adapter was trained for another architecture"
+            )
+        layer = layers[module]
+        trained = (lora_b.shape[0], lora_a.shape[1])
+        if trained != (layer.out_features, layer.in_features):
+            raise LoraDBError(
+                f"{adapter.path}: {component}.{module} is {trained[0]}x{trained[1]} in the adapter but "
+                f"{layer.out_features}x{layer.in_features} in this model; it was trained for another model size"
+            )
+    missing = [n for n in layers if matches_target(n, adapter.specs[component].target_modules) and n not in pairs]
+    if missing:
+        raise LoraDBError(
+            f"{adapter.path}: no LoRA weights for {component}.{missing[0]} ({len(missing)} layers), which its "
+            "targets name in this model; the adapter was trained for another architecture"
+        )
+
+
+def pipeline_component(pipe, adapter: AdapterFile, component: str) -> nn.Module:
+    """The pipeline module an adapter component applies to (the U-ViT or the CLIP text encoder)."""
+    module = getattr(pipe, component, None) if component in COMPONENTS else None
+    if module is None:
+        raise LoraDBError(
+            f"{adapter.path}: holds LoRA for {component}, which lora-db does not apply "
+            f"(only {', '.join(COMPONENTS)}); it was not written by lora-db train"
+        )
+    return module
+
+
+def describe_adapter(adapter: AdapterFile) -> dict[str, object]:
+    """What an adapter is, from its metadata and tensor shapes alone (for `lora-db info`)."""
+    meta = adapter.metadata
+    components = {}
+    for component, spec in adapter.specs.items():
+        components[component] = {
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "scale": spec.scale,
+            "target_modules": list(spec.target_modules),
+            "layers": len(lora_pairs(adapter, component)),
+            "parameters": sum(t.numel() for t in adapter.tensors[component].values()),
+        }
+    info: dict[str, object] = {
+        "file": str(adapter.path),
+        "size_bytes": adapter.path.stat().st_size,
+        "format": meta.get("format", ""),
+        "lora_db_version": meta.get("lora_db_version", ""),
+        "base_model": meta.get("base_model", ""),
+        "instance_prompt": meta.get("instance_prompt", ""),
+        "class_prompt": meta.get("class_prompt", ""),
+        "steps": meta.get("steps", ""),
+        "resolution": meta.get("resolution", ""),
+        "components": components,
+        "parameters": adapter.num_parameters(),
+    }
+    for key in ("combined_from", "combination"):
+        if key in meta:
+            info[key] = _json_or_text(meta[key])
+    return info
+
+
+def _json_or_text(value: str) -> object:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

@@ -147,6 +147,11 @@ def demo_images_command(
     typer.echo(f"wrote {len(paths)} photos to {folder}")
 
 
+from .cli_adapters import register as _register_adapter_commands  # noqa: E402
+
+_register_adapter_commands(app)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,81 @@
+"""Shared by test_inference.py and test_merge.py: adapters with non-zero LoRA weights, seeded samples, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_db.adapters import LoraSpec, inject_lora, lora_state_dict, save_adapter
+from lora_db.config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
+
+PROMPT = "a photo of sks robot"
+# alpha != rank, so a merge or a hot-swap that ignored the scale would not match.
+UNET_SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=UNET_ATTENTION_TARGETS)
+TEXT_SPEC = LoraSpec(rank=2, alpha=1.0, target_modules=TEXT_ENCODER_TARGETS)
+
+
+def make_adapter(pipe, path: Path, seed: int, *, text_encoder: bool = False, magnitude: float = 0.1) -> Path:
+    """An adapter file for `pipe` whose A and B are seeded randn x magnitude (peft would start B at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    specs = {"unet": UNET_SPEC} | ({"text_encoder": TEXT_SPEC} if text_encoder else {})
+    tensors = {}
+    for component, spec in specs.items():
+        module = copy.deepcopy(getattr(pipe, component))
+        inject_lora(module, spec)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if ".lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * magnitude)
+        tensors[component] = lora_state_dict(module)
+    metadata = {"base_model": "tiny", "instance_prompt": PROMPT, "steps": "0"}
+    return save_adapter(path, tensors, specs, metadata)
+
+
+def initial_latents(pipe, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    size = pipe.unet.config.sample_size
+    vae = torch.randn((1, pipe.num_channels_latents, size, size), generator=generator)
+    clip = torch.randn((1, 1, pipe.image_encoder_projection_dim), generator=generator)
+    return vae, clip
+
+
+def t2i(pipe, seed: int = 0, steps: int = 2) -> np.ndarray:
+    """One seeded text-to-image sample as floats (no uint8 rounding to hide differences)."""
+    vae, clip = initial_latents(pipe, seed)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt=PROMPT,
+        vae_latents=vae,
+        clip_latents=clip,
+        num_inference_steps=steps,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    pipe.reset_mode()
+    return out.images
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, list[str]]:
+    """`lora-db ARGS` in this process through `main()`: exit code, stdout, non-empty stderr lines."""
+    from lora_db.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lora-db", *map(str, args)])
+    monkeypatch.delenv("LORA_DB_DEBUG", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, [line for line in err.splitlines() if line.strip()]
+
+
+def assert_one_line_error(result: tuple[int, str, list[str]], *fragments: str) -> None:
+    code, _, err = result
+    assert code == 1, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
