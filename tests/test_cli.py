@@ -159,6 +159,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(insta
     assert losses == expected
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_data_parallel_run(instance_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -169,7 +177,7 @@ def test_two_process_data_parallel_run(instance_dir, tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29533",
+        str(free_port()),
         "-m",
         "lora_db.cli",
         *map(str, train_args(instance_dir, out, "--max-train-steps", "10", "--checkpointing-steps", "5")),
