@@ -114,3 +114,26 @@ def test_out_of_memory_suggests_the_options_that_would_help(tiny_config, monkeyp
         r"--gradient-checkpointing, --optimizer adamw8bit, --cache-latents",
     ):
         train(tiny_config(max_train_steps=2))
+
+
+def test_adapter_metadata_that_lies_about_rank_is_refused(tiny_config, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = train(tiny_config(max_train_steps=1)).adapter_path
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = f.metadata()
+    metadata["lora_db.components"] = metadata["lora_db.components"].replace('"rank": 4', '"rank": 8')
+    liar = tmp_path / "liar.safetensors"
+    save_file(tensors, str(liar), metadata=metadata)
+    with pytest.raises(LoraDBError, match="has rank 4 but the metadata says 8"):
+        read_adapter(liar)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt", ".pkl"])
+def test_pickle_formats_are_refused_before_reading(tmp_path, suffix):
+    path = tmp_path / f"adapter{suffix}"
+    path.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(LoraDBError, match="pickles, which can run code"):
+        read_adapter(path)
