@@ -151,6 +151,10 @@ from .cli_adapters import register as _register_adapter_commands  # noqa: E402
 
 _register_adapter_commands(app)
 
+from .cli_estimate import register as _register_estimate_commands  # noqa: E402
+
+_register_estimate_commands(app)
+
 
 def main() -> None:
     try:

@@ -12,6 +12,7 @@ the same weights on every build, on any machine.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ class _Sizes:
     uvit_head_dim: int
     uvit_layers: int
     sample_size: int
+    # GPT-2's 50257 tokens + UniDiffuser's EOS in the real caption decoder; 0 means the byte tokenizer's 257.
+    decoder_vocab: int = 0
 
 
 _SIZES = {
@@ -69,7 +72,7 @@ _SIZES = {
         uvit_layers=5,
         sample_size=8,
     ),
-    # 256 px, 32x32 latents, a U-ViT of about 60M parameters: seconds per step on a 2-core CPU.
+    # 256 px, 32x32 latents, a U-ViT of about 31M parameters: seconds per step on a 2-core CPU.
     "small": _Sizes(
         vae_channels=(32, 64, 64, 64),
         vae_layers_per_block=1,
@@ -116,6 +119,7 @@ _SIZES = {
         uvit_head_dim=64,
         uvit_layers=30,
         sample_size=64,
+        decoder_vocab=50258,
     ),
 }
 
@@ -152,14 +156,18 @@ def build_tokenizers():
     return clip_tokenizer, text_tokenizer
 
 
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
+def _seeded(seed: int, device: str | None, build):
+    with torch.random.fork_rng(devices=[]), torch.device(device) if device else contextlib.nullcontext():
         torch.manual_seed(seed)
         return build()
 
 
-def build_random_pipeline(preset: str = "tiny", seed: int = 0):
-    """A complete `UniDiffuserPipeline` of the given size with seeded random weights (fp32, on the CPU)."""
+def build_random_pipeline(preset: str = "tiny", seed: int = 0, device: str | None = None):
+    """A complete `UniDiffuserPipeline` of the given size with seeded random weights (fp32, on the CPU).
+
+    `device="meta"` builds every module without allocating or initialising weights: the real-size architecture
+    in a second, for `lora_db.estimate`, which only needs shapes and dtypes.
+    """
     from diffusers import (
         AutoencoderKL,
         DPMSolverMultistepScheduler,
@@ -181,6 +189,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0):
     clip_tokenizer, text_tokenizer = build_tokenizers()
     vae = _seeded(
         seed,
+        device,
         lambda: AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -196,6 +205,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0):
     )
     text_encoder = _seeded(
         seed + 1,
+        device,
         lambda: CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=s.text_vocab,
@@ -213,6 +223,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0):
     )
     image_encoder = _seeded(
         seed + 2,
+        device,
         lambda: CLIPVisionModelWithProjection(
             CLIPVisionConfig(
                 hidden_size=s.vision_hidden,
@@ -232,11 +243,12 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0):
     )
     text_decoder = _seeded(
         seed + 3,
+        device,
         lambda: UniDiffuserTextDecoder(
             prefix_length=77,
             prefix_inner_dim=s.text_hidden,
             prefix_hidden_dim=s.text_dim,
-            vocab_size=len(text_tokenizer),
+            vocab_size=s.decoder_vocab or len(text_tokenizer),
             n_positions=256 if preset == "tiny" else 1024,
             n_embd=s.decoder_hidden,
             n_layer=s.decoder_layers,
@@ -252,6 +264,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0):
     text_decoder.transformer.config.bos_token_id = text_decoder.transformer.config.eos_token_id = 256
     unet = _seeded(
         seed + 4,
+        device,
         lambda: UniDiffuserModel(
             text_dim=s.text_dim,
             clip_img_dim=s.clip_img_dim,
