@@ -458,8 +458,7 @@ def _components(pipe, optimizer, saved: dict[str, int]) -> dict[str, ComponentMe
 
 def _example_sources(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device, scratch: Path) -> list:
     """`ExampleSource`s as `setup_run` builds them, on the given folders' images or else one blank image."""
-    from .data import DreamBoothDataset
-    from .train import ExampleSource
+    from .train import example_source
 
     folders = [(config.instance_dir, config.instance_prompt or "a photo of sks subject", None)]
     if config.with_prior_preservation:
@@ -467,15 +466,7 @@ def _example_sources(config: TrainConfig, pipe, dtype: torch.dtype, device: torc
     sources = []
     for number, (folder, prompt, limit) in enumerate(folders):
         records = _records(folder, prompt, config.resolution, scratch / f"blank-{number}")[:limit]
-        dataset = DreamBoothDataset(
-            records,
-            config.resolution,
-            pipe.clip_image_processor,
-            random_crop=config.random_crop,
-            random_flip=config.random_flip,
-            seed=config.seed,
-        )
-        sources.append(ExampleSource(dataset, pipe, dtype, device, cache=config.cache_latents))
+        sources.append(example_source(config, records, pipe, dtype, device))
     return sources
 
 

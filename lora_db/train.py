@@ -311,6 +311,20 @@ class ExampleSource:
         return latents, clip, prompts
 
 
+def example_source(
+    config: TrainConfig, records: list[ImageRecord], pipe, dtype: torch.dtype, device: torch.device
+) -> ExampleSource:
+    dataset = DreamBoothDataset(
+        records,
+        config.resolution,
+        pipe.clip_image_processor,
+        random_crop=config.random_crop,
+        random_flip=config.random_flip,
+        seed=config.seed,
+    )
+    return ExampleSource(dataset, pipe, dtype, device, cache=config.cache_latents)
+
+
 class PromptEncoder:
     """Prompt -> CLIP text encoder -> text_decoder.encode -> U-ViT text input, with gradients when trained."""
 
@@ -533,18 +547,9 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     torch.manual_seed(config.seed)  # LoRA initialisation
     models = setup_models(config, pipe, dtype, device)
 
-    def source(records: list[ImageRecord]) -> ExampleSource:
-        dataset = DreamBoothDataset(
-            records,
-            config.resolution,
-            pipe.clip_image_processor,
-            random_crop=config.random_crop,
-            random_flip=config.random_flip,
-            seed=config.seed,
-        )
-        return ExampleSource(dataset, pipe, dtype, device, cache=config.cache_latents)
-
-    sources = [source(instance_records)] + ([source(class_records)] if class_records else [])
+    sources = [example_source(config, instance_records, pipe, dtype, device)]
+    if class_records:
+        sources.append(example_source(config, class_records, pipe, dtype, device))
     prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder)
     if not config.train_text_encoder:
         prompts.precompute({r.prompt for r in instance_records + class_records})
