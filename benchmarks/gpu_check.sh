@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA-only rows of the memory benchmark, on the real-size UniDiffuser architecture (random weights, 512 px):
 # peak CUDA memory (max allocated and reserved, the CUDA context apart), fp16, xformers against SDPA, 8-bit Adam on
-# CUDA, and step times, each beside `lora-db estimate`. About 5-8 minutes on one recent GPU with 24 GB or more;
-# on a smaller card the full fine-tuning rows end as "failed (exit 1)" with the out-of-memory message, which is
-# itself the answer.
+# CUDA, and step times, each beside `lora-db estimate`. Expected to take 5-8 minutes on one recent GPU (not timed:
+# written on a machine without one); on a card under ~21 GiB the fp32 full fine-tuning row ends as "failed (exit 1)"
+# with the out-of-memory message, which is itself the answer.
 #
 #   pip install -e ".[xformers]"          # optional: without xformers its row fails with a one-line reason
 #   bash benchmarks/gpu_check.sh          # writes benchmarks/results/cuda.json, cuda.md, cuda.png

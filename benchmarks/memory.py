@@ -159,8 +159,13 @@ def machine() -> dict:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GiB, 1)
+        # nvidia-smi rather than torch: a CUDA context in this process would take GPU memory from the children.
+        query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits", "--id=0"]
+        try:
+            name, mib = subprocess.run(query, capture_output=True, text=True, check=True).stdout.rsplit(",", 1)
+            info.update(gpu=name.strip(), gpu_memory_gib=round(int(mib) / 1024, 1))
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            info.update(gpu="unknown", gpu_memory_gib=0.0)
     return info
 
 
