@@ -20,14 +20,7 @@ from lora_db.inference import AdapterSet, Row, plan_rows
 from lora_db.models import quiet_library_logs
 from lora_db.tiny import build_random_pipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine spinning threads make each op crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
