@@ -6,6 +6,7 @@ with a message that names it instead of crashing a training run minutes later.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -333,6 +334,23 @@ _WALL_FLOOR_COLOURS = (
     ((235, 210, 205), (160, 130, 100)),
 )
 _SUPERSAMPLE = 4
+
+
+def batch_indices(
+    num_items: int, batch_size: int, micro_step: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[int, int]]:
+    """(epoch, item) pairs of one process's micro-batch: a pure function of the step, so resume needs no state."""
+    start = (micro_step * world_size + rank) * batch_size
+    pairs = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_items)
+        pairs.append((epoch, int(_epoch_permutation(num_items, seed, epoch)[offset])))
+    return pairs
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def make_demo_images(folder: str | Path, count: int = 5, size: int = 256, seed: int = 0) -> list[Path]:

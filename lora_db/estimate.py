@@ -326,7 +326,8 @@ def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scra
     from diffusers import DDPMScheduler
 
     from .memory import weight_dtype
-    from .train import PromptEncoder, Run, release_encoders, setup_models, setup_optimizer
+    from .objective import PromptEncoder
+    from .train import Run, release_encoders, setup_models, setup_optimizer
 
     dtype = weight_dtype(config.mixed_precision)
     pipe = meta_pipeline(config.model)
@@ -354,7 +355,7 @@ def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scra
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        wrapped=list(models.trained.values()),
+        wrapped=dict(models.trained),
         generator=torch.Generator().manual_seed(config.seed),
     )
 
@@ -458,7 +459,7 @@ def _components(pipe, optimizer, saved: dict[str, int]) -> dict[str, ComponentMe
 
 def _example_sources(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device, scratch: Path) -> list:
     """`ExampleSource`s as `setup_run` builds them, on the given folders' images or else one blank image."""
-    from .train import example_source
+    from .objective import example_source
 
     folders = [(config.instance_dir, config.instance_prompt or "a photo of sks subject", None)]
     if config.with_prior_preservation:

@@ -14,7 +14,6 @@ A run is: check options, load, set up models / data / optimizer, then the loop b
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import hashlib
 import json
@@ -31,7 +30,7 @@ from . import __version__
 from .adapters import LoraSpec, inject_lora, lora_state_dict, save_adapter
 from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TEXT_ENCODER_TARGETS, TrainConfig
-from .data import DreamBoothDataset, ImageRecord, collate, find_images, scan_images
+from .data import ImageRecord, batch_indices, find_images, scan_images
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json, atomic_write_text
 from .memory import (
@@ -50,6 +49,7 @@ from .memory import (
     weight_dtype,
 )
 from .models import check_resolution, load_pipeline, load_unet_config, native_resolution
+from .objective import ExampleSource, PromptEncoder, dreambooth_loss, example_source
 from .sampling import generate_images, image_grid, save_png
 
 logger = logging.getLogger("lora_db")
@@ -80,61 +80,6 @@ class Models:
 
 
 # -- small pure helpers ---------------------------------------------------------------------------------------------
-
-
-def batch_indices(
-    num_items: int, batch_size: int, micro_step: int, seed: int, rank: int = 0, world_size: int = 1
-) -> list[tuple[int, int]]:
-    """(epoch, item) pairs of one process's micro-batch: a pure function of the step, so resume needs no state."""
-    start = (micro_step * world_size + rank) * batch_size
-    pairs = []
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, num_items)
-        pairs.append((epoch, int(_epoch_permutation(num_items, seed, epoch)[offset])))
-    return pairs
-
-
-@functools.lru_cache(maxsize=64)
-def _epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def dreambooth_loss(
-    unet: nn.Module,
-    latents: torch.Tensor,
-    clip_embeds: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    noise_scheduler,
-    generator: torch.Generator,
-    uncond_prob: float = 0.0,
-) -> torch.Tensor:
-    """Per-example loss of UniDiffuser's t2i objective (MSE over the joint VAE + CLIP image noise)."""
-    batch = latents.shape[0]
-    device = latents.device
-    num_steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_steps, (batch,), generator=generator, device=device)
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    clip_noise = torch.randn(clip_embeds.shape, generator=generator, device=device, dtype=clip_embeds.dtype)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    noisy_clip = noise_scheduler.add_noise(clip_embeds, clip_noise, timesteps)
-    timestep_text = torch.zeros(batch, dtype=torch.long, device=device)
-    if uncond_prob > 0:
-        # The unconditional branch guidance uses at sampling time: text replaced by noise at t_text = T.
-        drop = torch.rand(batch, generator=generator, device=device) < uncond_prob
-        text_noise = torch.randn(prompt_embeds.shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        prompt_embeds = torch.where(drop[:, None, None], text_noise, prompt_embeds)
-        timestep_text = torch.where(drop, num_steps, timestep_text)
-    vae_out, clip_out, _ = unet(
-        noisy_latents,
-        noisy_clip,
-        prompt_embeds,
-        timestep_img=timesteps,
-        timestep_text=timestep_text,
-        data_type=1,
-    )
-    vae_err = (vae_out.float() - noise.float()).pow(2).flatten(1)
-    clip_err = (clip_out.float() - clip_noise.float()).pow(2).flatten(1)
-    return torch.cat([vae_err, clip_err], dim=1).mean(1)
 
 
 # -- checks before anything loads -----------------------------------------------------------------------------------
@@ -265,94 +210,6 @@ def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.de
     for module in trained.values():
         module.train()
     return Models(pipe=pipe, unet=unet, text_encoder=text_encoder, specs=specs, trained=trained)
-
-
-class ExampleSource:
-    """Training examples for the loop: from images each step, or from encodings cached once."""
-
-    def __init__(self, dataset: DreamBoothDataset, pipe, dtype: torch.dtype, device: torch.device, cache: bool):
-        self.dataset, self.pipe, self.dtype, self.device = dataset, pipe, dtype, device
-        self.cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        if cache:
-            self.cache = [self._encode_item(self.dataset[i]) for i in range(len(dataset))]
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @torch.no_grad()
-    def _encode_item(self, item: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels = item["pixel_values"][None].to(self.device, self.dtype)
-        latent_dist = self.pipe.vae.encode(pixels).latent_dist
-        clip = self._clip_embeds(item["clip_pixel_values"][None])
-        return latent_dist.mean[0], latent_dist.std[0], clip[0]
-
-    def _clip_embeds(self, clip_pixels: torch.Tensor) -> torch.Tensor:
-        return self.pipe.image_encoder(pixel_values=clip_pixels.to(self.device, self.dtype)).image_embeds[:, None]
-
-    @torch.no_grad()
-    def batch(
-        self, pairs: list[tuple[int, int]], generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Scaled VAE latents (sampled from the posterior), CLIP image embeddings and prompts."""
-        prompts = [self.dataset.records[index].prompt for _, index in pairs]
-        if self.cache is not None:
-            mean, std, clip = (torch.stack(parts) for parts in zip(*(self.cache[i] for _, i in pairs), strict=True))
-        else:
-            items = []
-            for epoch, index in pairs:
-                self.dataset.set_epoch(epoch)
-                items.append(self.dataset[index])
-            batch = collate(items)
-            latent_dist = self.pipe.vae.encode(batch["pixel_values"].to(self.device, self.dtype)).latent_dist
-            mean, std = latent_dist.mean, latent_dist.std
-            clip = self._clip_embeds(batch["clip_pixel_values"])
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        latents = (mean + std * noise) * self.pipe.vae.config.scaling_factor
-        return latents, clip, prompts
-
-
-def example_source(
-    config: TrainConfig, records: list[ImageRecord], pipe, dtype: torch.dtype, device: torch.device
-) -> ExampleSource:
-    dataset = DreamBoothDataset(
-        records,
-        config.resolution,
-        pipe.clip_image_processor,
-        random_crop=config.random_crop,
-        random_flip=config.random_flip,
-        seed=config.seed,
-    )
-    return ExampleSource(dataset, pipe, dtype, device, cache=config.cache_latents)
-
-
-class PromptEncoder:
-    """Prompt -> CLIP text encoder -> text_decoder.encode -> U-ViT text input, with gradients when trained."""
-
-    def __init__(self, pipe, device: torch.device, trainable: bool):
-        self.pipe, self.device, self.trainable = pipe, device, trainable
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.pipe.clip_tokenizer(
-            prompts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.pipe.clip_tokenizer.model_max_length,
-            return_tensors="pt",
-        )
-        hidden = self.pipe.text_encoder(tokens.input_ids.to(self.device))[0]
-        return self.pipe.text_decoder.encode(hidden)
-
-    def precompute(self, prompts: set[str]) -> None:
-        with torch.no_grad():
-            for prompt in sorted(prompts):
-                self.cache[prompt] = self._encode([prompt])[0]
-
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        if self.trainable or any(p not in self.cache for p in prompts):
-            with contextlib.nullcontext() if self.trainable else torch.no_grad():
-                return self._encode(prompts)
-        return torch.stack([self.cache[p] for p in prompts])
 
 
 def release_encoders(pipe, keep_for_sampling: bool, text_encoder_too: bool) -> None:
@@ -516,7 +373,7 @@ class Run:
     noise_scheduler: object
     optimizer: object
     lr_scheduler: object
-    wrapped: list[nn.Module]
+    wrapped: dict[str, nn.Module]  # what accelerate returned for each trained module: call these, not the originals
     generator: torch.Generator
     setup_memory_bytes: int = 0
 
@@ -550,15 +407,16 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     sources = [example_source(config, instance_records, pipe, dtype, device)]
     if class_records:
         sources.append(example_source(config, class_records, pipe, dtype, device))
-    prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder)
+    optimizer, lr_scheduler = setup_optimizer(config, models)
+    prepared = accelerator.prepare(*models.trained.values(), optimizer)
+    wrapped, optimizer = dict(zip(models.trained, prepared[:-1], strict=True)), prepared[-1]
+    prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder, text_encoder=wrapped.get("text_encoder"))
     if not config.train_text_encoder:
         prompts.precompute({r.prompt for r in instance_records + class_records})
     if config.cache_latents:
         release_encoders(
             pipe, keep_for_sampling=config.validation_prompt is not None, text_encoder_too=not config.train_text_encoder
         )
-    optimizer, lr_scheduler = setup_optimizer(config, models)
-    *wrapped, optimizer = accelerator.prepare(*models.trained.values(), optimizer)
     generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + accelerator.process_index)
     return Run(
         config=config,
@@ -594,7 +452,7 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
         texts.extend(batch_prompts)
     with accelerator.autocast():
         per_example = dreambooth_loss(
-            run.wrapped[0],
+            run.wrapped["unet"],
             torch.cat(latents),
             torch.cat(clips),
             run.prompts(texts),
@@ -617,7 +475,7 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     for micro in range(accumulation):
         with contextlib.ExitStack() as stack:
             if micro < accumulation - 1:  # gradients are all-reduced only on the last micro-batch
-                for module in run.wrapped:
+                for module in run.wrapped.values():
                     stack.enter_context(accelerator.no_sync(module))
             loss = micro_batch_loss(run, step * accumulation + micro)
             if not torch.isfinite(loss):
@@ -717,11 +575,23 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         return _train(config, accelerator)
     finally:
-        from accelerate.state import AcceleratorState
+        release_distributed_state(accelerator)
 
-        # accelerate keeps one process-wide state; clearing it lets a notebook or test run train() again with
-        # other precision settings. The process group (PartialState) stays.
-        AcceleratorState._reset_state()
+
+def release_distributed_state(accelerator) -> None:
+    """Leave no process group and no accelerate state behind, on every way out of a run.
+
+    A gloo process group still alive at interpreter exit can deadlock there (its destructor joins a worker thread
+    that waits for the GIL), so it is destroyed now, while the interpreter is whole. Clearing accelerate's
+    process-wide state lets a notebook or a test call train() again with other settings.
+    """
+    from accelerate.state import AcceleratorState
+
+    accelerator.free_memory()  # accelerate's references to the DDP wrappers, which hold the process group
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train(config: TrainConfig, accelerator) -> TrainResult:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from PIL import Image
+from processes import run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 CONFIGS = ("full-fp32-adamw", "lora-fp16", "lora-bf16-ckpt-8bit-cached")
@@ -15,12 +15,7 @@ CONFIGS = ("full-fp32-adamw", "lora-fp16", "lora-bf16-ckpt-8bit-cached")
 
 def test_memory_benchmark_writes_table_chart_and_rows(tmp_path):
     command = [sys.executable, str(SCRIPT), "--models", "tiny", "--configs", ",".join(CONFIGS)]
-    result = subprocess.run(
-        [*command, "--out", str(tmp_path), "--name", "smoke", "--images", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run([*command, "--out", str(tmp_path), "--name", "smoke", "--images", "2"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "smoke.json").read_text())
     assert {"cpu", "cpus", "memory_gib", "torch", "device"} <= set(results["machine"])

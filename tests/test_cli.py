@@ -10,13 +10,14 @@ import sys
 import time
 
 import pytest
+from processes import run, spawn
 
 CLI = [sys.executable, "-m", "lora_db.cli"]
 
 
 def run_cli(*args, check=None, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    result = run([*CLI, *map(str, args)], env=env, timeout=600, **kwargs)
     if check is not None:
         assert result.returncode == check, result.stderr[-3000:]
     return result
@@ -135,19 +136,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(insta
 
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [*CLI, *map(str, train_args(instance_dir, out, *steps))],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
+    command = [*CLI, *map(str, train_args(instance_dir, out, *steps))]
+    with spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-3000:]
     assert "--resume-from-checkpoint latest" in stderr
     assert list(out.glob("checkpoint-*")), "Ctrl-C must leave a checkpoint"
@@ -182,7 +178,7 @@ def test_two_process_data_parallel_run(instance_dir, tmp_path):
         "lora_db.cli",
         *map(str, train_args(instance_dir, out, "--max-train-steps", "10", "--checkpointing-steps", "5")),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = run(command, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2

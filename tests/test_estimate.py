@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from processes import run
 
 from lora_db.config import TrainConfig
 from lora_db.estimate import GiB, estimate_memory, parse_memory
@@ -144,7 +144,7 @@ def test_format_says_whether_it_fits(lora):
 def run_cli(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "lora_db.cli", "estimate", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return run(command, env=env, timeout=300)
 
 
 def test_cli_prints_the_breakdown_and_verdict():

@@ -2,7 +2,6 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from lora_helpers import PROMPT, assert_one_line_error, make_adapter, run_cli, t2i
 from PIL import Image, ImageDraw, ImageFont
+from processes import run
 from safetensors.torch import save_file
 
 import lora_db
@@ -99,7 +99,7 @@ def test_load_pipeline_api(files):
 
 def test_import_lora_db_stays_light():
     code = "import sys, lora_db; assert lora_db.__version__; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run([sys.executable, "-c", code], timeout=300, check=True)
 
 
 @pytest.mark.parametrize(

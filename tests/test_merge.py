@@ -6,7 +6,6 @@ two round differently, so after two sampling steps and the VAE, outputs in [0, 1
 
 import copy
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from lora_helpers import assert_one_line_error, initial_latents, make_adapter, run_cli, t2i
+from processes import run
 from safetensors import safe_open
 
 from lora_db.adapters import AdapterFile, lora_delta, lora_pairs, lora_scale, read_adapter
@@ -144,7 +144,7 @@ def test_merged_folder_loads_in_stock_diffusers_and_matches(files, swap, tmp_pat
     script.write_text(STOCK_SCRIPT)
     # -I: isolated, so neither the working directory nor PYTHONPATH can bring lora_db in.
     command = [sys.executable, "-I", str(script), str(out), str(tmp_path / "latents.safetensors")]
-    subprocess.run([*command, str(tmp_path / "stock.npy")], check=True, capture_output=True)
+    run([*command, str(tmp_path / "stock.npy")], timeout=300, check=True)
     expected = adapter_output(swap, {"a": 1.0, "b": 0.5})
     np.testing.assert_allclose(np.load(tmp_path / "stock.npy"), expected, rtol=0, atol=MERGE_ATOL)
 

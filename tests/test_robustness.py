@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from processes import run, spawn
 
 from lora_db.adapters import read_adapter
 from lora_db.checkpoint import list_checkpoints, load_checkpoint
@@ -48,19 +49,19 @@ def test_sigkill_at_any_moment_then_resume_matches_the_uninterrupted_run(instanc
     rng = random.Random(0)
     # Checkpoints are written every step, so kills land before, during and after checkpoint and adapter writes.
     for kill_after_lines in (2, 6, 11, steps):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        metrics = out / "metrics.jsonl"
-        deadline = time.time() + 300
-        while process.poll() is None and time.time() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after_lines:
-                time.sleep(rng.uniform(0, 0.03))
-                break
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
+        with spawn(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) as process:
+            metrics = out / "metrics.jsonl"
+            deadline = time.time() + 300
+            while process.poll() is None and time.time() < deadline:
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after_lines:
+                    time.sleep(rng.uniform(0, 0.03))
+                    break
+                time.sleep(0.005)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
         assert_everything_loadable(out)
 
-    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    finished = run(command, env=env, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert read_losses(out) == expected
     a, b = read_adapter(out / "adapter.safetensors"), read_adapter(reference / "adapter.safetensors")
