@@ -10,17 +10,16 @@ the traceback); usage errors keep typer's exit code 2.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
-from .config import TrainConfig, field_types, option_type
+from .cli_options import ConfigFile, build_train_config, with_dataclass_options
+from .config import TrainConfig
 from .errors import LoraDBError
 
 app = typer.Typer(
@@ -49,69 +48,6 @@ def _root(
     from .models import quiet_library_logs
 
     quiet_library_logs()
-
-
-def _split_commas(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
-def _help(f: dataclasses.Field) -> str:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if default is None or default is False:
-        return f.metadata.get("help", "")
-    shown = ",".join(default) if isinstance(default, list) else default
-    return f"{f.metadata.get('help', '')} [default: {shown}]"
-
-
-def dataclass_options(cls: type) -> list[inspect.Parameter]:
-    """One typer option per dataclass field, default None so only what the user typed overrides."""
-    hints = field_types(cls)
-    params = []
-    for f in dataclasses.fields(cls):
-        base, choices, _ = option_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        names = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
-        annotation_type = list[str] if base is list else Literal[choices] if choices else base
-        option = typer.Option(*names, help=_help(f), rich_help_panel=f.metadata.get("group"), show_default=False)
-        params.append(
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[annotation_type | None, option],
-            )
-        )
-    return params
-
-
-def with_dataclass_options(cls: type):
-    """Give a command `fn(config_file, **values)` the options of `cls` (the single source of their help)."""
-
-    def decorate(fn):
-        own = [
-            p
-            for p in inspect.signature(fn, eval_str=True).parameters.values()
-            if p.kind is not inspect.Parameter.VAR_KEYWORD
-        ]
-        params = own + dataclass_options(cls)
-        fn.__signature__ = inspect.Signature(params)
-        fn.__annotations__ = {p.name: p.annotation for p in params}
-        return fn
-
-    return decorate
-
-
-def build_train_config(config_file: Path | None, values: dict[str, Any]) -> TrainConfig:
-    values = dict(values)
-    values["target_modules"] = _split_commas(values.get("target_modules"))
-    return TrainConfig.from_sources(config_file, **values)
-
-
-ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="TOML file of options (same names); the command line wins.")
-]
 
 
 @app.command("train", no_args_is_help=True)

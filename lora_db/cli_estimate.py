@@ -11,11 +11,11 @@ real training code on fake tensors; see lora_db/estimate.py for how, and benchma
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 
+from .cli_options import ConfigFile, build_train_config, with_dataclass_options
 from .config import TrainConfig
 
 
@@ -37,9 +37,7 @@ def _local_gpu_bytes() -> int | None:
 
 
 def estimate_command(
-    config_file: Annotated[
-        Path | None, typer.Option("--config", help="TOML file of train options (same names); the command line wins.")
-    ] = None,
+    config_file: ConfigFile = None,
     gpu_memory: Annotated[
         str | None,
         typer.Option(
@@ -59,7 +57,6 @@ def estimate_command(
     Example: lora-db estimate --model random:unidiffuser-v1 --mixed-precision bf16 --gradient-checkpointing
     --optimizer adamw8bit --cache-latents --gpu-memory 8GB
     """
-    from .cli import build_train_config
     from .estimate import estimate_memory
 
     memory = _memory_bytes(gpu_memory)
@@ -69,10 +66,7 @@ def estimate_command(
 
 
 def register(app: typer.Typer) -> None:
-    # lora_db.cli imports this module to register the command, so its helpers are imported only now; and a fresh
-    # wrapper each time, since `python -m lora_db.cli` runs cli.py twice (as __main__ and as lora_db.cli).
-    from .cli import with_dataclass_options
-
+    # A fresh wrapper each time: `python -m lora_db.cli` runs cli.py twice (as __main__ and as lora_db.cli).
     @functools.wraps(estimate_command)
     def command(**values: Any) -> None:
         estimate_command(**values)

@@ -128,7 +128,8 @@ def test_cuda_estimate_adds_the_context_and_foreach_adam():
 
 
 def test_training_still_runs_after_an_estimate(lora, tiny_config):
-    from lora_db.train import batch_indices, train
+    from lora_db.data import batch_indices
+    from lora_db.train import train
 
     assert all(isinstance(i, int) for pair in batch_indices(1, 1, 0, 0) for i in pair)
     result = train(tiny_config(max_train_steps=2))

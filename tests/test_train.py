@@ -12,8 +12,9 @@ from safetensors import safe_open
 
 from lora_db.adapters import read_adapter
 from lora_db.checkpoint import list_checkpoints
+from lora_db.data import batch_indices
 from lora_db.errors import LoraDBError
-from lora_db.train import batch_indices, check_before_loading, optimizer_step, setup_accelerator, setup_run, train
+from lora_db.train import check_before_loading, optimizer_step, setup_accelerator, setup_run, train
 
 
 def metrics(output_dir):
