@@ -3,8 +3,10 @@
 An adapter file is one safetensors file holding every trained component's LoRA weights, keys prefixed by
 component (`unet.transformer.transformer_in_blocks.0.attn1.to_q.lora_A.weight`, `text_encoder.…`), and in its
 metadata what is needed to load it anywhere (`lora_db.components`: rank, alpha and targets per component; base
-model, prompt, steps, lora-db version). The scale of every LoRA update is weight x alpha / rank (`lora_scale`,
-peft's definition times the user's weight), used by hot-swap, merge and combination alike.
+model, prompt, steps, lora-db version). The scale of every LoRA update is weight x alpha / rank, or
+weight x alpha / sqrt(rank) for rsLoRA (`lora_scale`, peft's definition times the user's weight): hot-swap sets it
+through peft's own `set_scale`, merge and combination use `lora_scale`, and a test holds the two equal.
+A DoRA adapter also stores one magnitude per output feature (`...lora_magnitude_vector`, peft's key).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .io import atomic_write
 FORMAT = "lora-db/1"
 COMPONENTS = ("unet", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # peft's state-dict key of a DoRA magnitude (no ".weight")
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,17 @@ class LoraSpec:
     alpha: float
     target_modules: tuple[str, ...]
     dropout: float = 0.0
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature (peft's DoRA)
+    use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        """peft's `LoraLayer.set_scale` rule at weight 1."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def variant(self) -> str:
+        return " + ".join(name for name, on in (("DoRA", self.use_dora), ("rsLoRA", self.use_rslora)) if on) or "LoRA"
 
     def peft_config(self):
         from peft import LoraConfig
@@ -46,6 +56,8 @@ class LoraSpec:
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
             init_lora_weights=True,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
         )
 
 
@@ -163,6 +175,10 @@ def read_adapter(path: str | Path) -> AdapterFile:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        from .peft_export import read_peft_folder
+
+        return read_peft_folder(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraDBError(
             f"{path}: {path.suffix} files are pickles, which can run code; only .safetensors "
@@ -180,12 +196,28 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise LoraDBError(f"{path}: no lora-db metadata (rank, alpha, targets); it was not written by lora-db train")
     try:
         raw_specs = json.loads(metadata["lora_db.components"])
-        specs = {
-            c: LoraSpec(int(s["rank"]), float(s["alpha"]), tuple(s["target_modules"]), float(s.get("dropout", 0)))
-            for c, s in raw_specs.items()
-        }
+        specs = {c: spec_from_json(s) for c, s in raw_specs.items()}
     except (ValueError, KeyError, TypeError) as err:
         raise LoraDBError(f"{path}: damaged lora-db metadata ({err})") from None
+    tensors = split_components(path, flat, specs)
+    return AdapterFile(path=path, tensors=tensors, specs=specs, metadata=metadata)
+
+
+def spec_from_json(raw: Mapping[str, object]) -> LoraSpec:
+    return LoraSpec(
+        int(raw["rank"]),
+        float(raw["alpha"]),
+        tuple(raw["target_modules"]),
+        float(raw.get("dropout", 0)),
+        bool(raw.get("use_dora", False)),
+        bool(raw.get("use_rslora", False)),
+    )
+
+
+def split_components(
+    path: Path, flat: Mapping[str, torch.Tensor], specs: Mapping[str, LoraSpec]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Component-prefixed tensors -> tensors per component, each checked against its spec."""
     tensors: dict[str, dict[str, torch.Tensor]] = {c: {} for c in specs}
     for key, tensor in flat.items():
         component, _, rest = key.partition(".")
@@ -194,7 +226,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
         tensors[component][rest] = tensor
     for component, part in tensors.items():
         _check_ranks(path, component, part, specs[component])
-    return AdapterFile(path=path, tensors=tensors, specs=specs, metadata=metadata)
+    return tensors
 
 
 def _check_ranks(path: Path, component: str, part: Mapping[str, torch.Tensor], spec: LoraSpec) -> None:
@@ -203,6 +235,10 @@ def _check_ranks(path: Path, component: str, part: Mapping[str, torch.Tensor], s
     for key, tensor in part.items():
         if not torch.isfinite(tensor).all():
             raise LoraDBError(f"{path}: {component}.{key} holds NaN or infinite values")
+        if key.endswith(MAGNITUDE_SUFFIX):
+            if not spec.use_dora:
+                raise LoraDBError(f"{path}: {component}.{key} is a DoRA magnitude but the metadata says plain LoRA")
+            continue
         rank = tensor.shape[0] if ".lora_A." in key else tensor.shape[-1] if ".lora_B." in key else None
         if rank is None:
             raise LoraDBError(f"{path}: {component}.{key} is not a LoRA A/B weight")
@@ -217,6 +253,19 @@ def _check_ranks(path: Path, component: str, part: Mapping[str, torch.Tensor], s
 def lora_scale(spec: LoraSpec, weight: float = 1.0) -> float:
     """The factor of B @ A in every use of an adapter (hot-swap forward, merge, combination)."""
     return weight * spec.scale
+
+
+def dora_delta(
+    base_weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The change DoRA makes to a Linear weight: m / ||W + s B A||_row x (W + s B A) - W, in fp32.
+
+    peft's forward and its `merge` compute the same (the row norm over each output feature's inputs).
+    """
+    weight = base_weight.float()
+    adapted = weight + lora_delta(lora_a, lora_b, scale)
+    factor = magnitude.float() / torch.linalg.norm(adapted, dim=1)
+    return factor[:, None] * adapted - weight
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -253,6 +302,18 @@ class WeightedAdapter:
         return str(self.path) if self.weight == 1.0 else f"{self.path}:{self.weight:g}"
 
 
+def check_summable(adapters: Iterable[AdapterFile]) -> None:
+    """Refuse to add a DoRA adapter to others: its output is not a sum of updates (peft renormalises each weight
+    by the output of the adapters applied before it), so no weighted sum, merge or combined file would be exact."""
+    adapters = list(adapters)
+    dora = [a for a in adapters if any(s.use_dora for s in a.specs.values())]
+    if dora and len(adapters) > 1:
+        raise LoraDBError(
+            f"{dora[0].path} is a DoRA adapter, which cannot be combined with other adapters exactly "
+            "(DoRA rescales the whole weight); apply it alone"
+        )
+
+
 def lora_pairs(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A, B) of one component of an adapter."""
     part = adapter.tensors[component]
@@ -271,6 +332,20 @@ def lora_pairs(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Te
     return pairs
 
 
+def lora_magnitudes(adapter: AdapterFile, component: str) -> dict[str, torch.Tensor]:
+    """Module name -> DoRA magnitude (one per output feature); every module of a DoRA component has one."""
+    part = adapter.tensors[component]
+    magnitudes = {k.removesuffix(MAGNITUDE_SUFFIX): v for k, v in part.items() if k.endswith(MAGNITUDE_SUFFIX)}
+    if adapter.specs[component].use_dora:
+        missing = [m for m in lora_pairs(adapter, component) if m not in magnitudes]
+        if missing:
+            raise LoraDBError(
+                f"{adapter.path}: {component}.{missing[0]} has no DoRA magnitude ({len(missing)} layers); "
+                "the file is incomplete"
+            )
+    return magnitudes
+
+
 def check_fits(model: nn.Module, adapter: AdapterFile, component: str) -> None:
     """Refuse an adapter that does not fit `model`: unknown layers, other shapes, or layers its targets miss."""
     layers = linear_layers(model)
@@ -287,6 +362,12 @@ def check_fits(model: nn.Module, adapter: AdapterFile, component: str) -> None:
             raise LoraDBError(
                 f"{adapter.path}: {component}.{module} is {trained[0]}x{trained[1]} in the adapter but "
                 f"{layer.out_features}x{layer.in_features} in this model; it was trained for another model size"
+            )
+    for module, magnitude in lora_magnitudes(adapter, component).items():
+        if module not in pairs or tuple(magnitude.shape) != (layers[module].out_features,):
+            raise LoraDBError(
+                f"{adapter.path}: {component}.{module}'s DoRA magnitude has shape {tuple(magnitude.shape)}, "
+                f"not ({layers[module].out_features},) with a LoRA pair; the file is inconsistent"
             )
     missing = [n for n in layers if matches_target(n, adapter.specs[component].target_modules) and n not in pairs]
     if missing:
@@ -316,6 +397,7 @@ def describe_adapter(adapter: AdapterFile) -> dict[str, object]:
             "rank": spec.rank,
             "alpha": spec.alpha,
             "scale": spec.scale,
+            "variant": spec.variant,
             "target_modules": list(spec.target_modules),
             "layers": len(lora_pairs(adapter, component)),
             "parameters": sum(t.numel() for t in adapter.tensors[component].values()),

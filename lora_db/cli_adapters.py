@@ -186,7 +186,8 @@ def info_lines(info: dict) -> list[str]:
     for component, part in info["components"].items():
         lines.append(
             f"{component:<13} rank {part['rank']}, alpha {part['alpha']:g} (scale {part['scale']:g}), "
-            f"{part['layers']} layers ({', '.join(part['target_modules'])}), {part['parameters']:,} parameters"
+            + ("" if part["variant"] == "LoRA" else f"{part['variant']}, ")
+            + f"{part['layers']} layers ({', '.join(part['target_modules'])}), {part['parameters']:,} parameters"
         )
     lines.append(f"parameters    {info['parameters']:,}" + (f", lora-db {v}" if (v := info["lora_db_version"]) else ""))
     return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import LoraDBError
+
+HUB_REPO = re.compile(r"(?:[\w.-]+/)?[\w.-]{1,96}")
 
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
@@ -27,6 +30,7 @@ Optimizer = Literal["adamw", "adamw8bit"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 AttentionBackend = Literal["sdpa", "xformers"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+Tracker = Literal["tensorboard", "wandb", "none"]
 
 
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
@@ -108,6 +112,22 @@ class TrainConfig:
         "Fraction of examples trained as unconditional (text = noise at t=T) so guidance keeps working.",
         "Adapter",
     )
+    use_dora: bool = _opt(
+        False, "DoRA (peft): a trained magnitude per output feature on top of LoRA's direction update.", "Adapter"
+    )
+    use_rslora: bool = _opt(
+        False, "rsLoRA (peft): scale the update by alpha / sqrt(rank) instead of alpha / rank.", "Adapter"
+    )
+    loraplus_lr_ratio: float | None = _opt(
+        None,
+        "LoRA+ (peft's create_loraplus_optimizer): the B matrices learn at this many times the learning rate, e.g. 16.",
+        "Adapter",
+    )
+    init_adapter: Path | None = _opt(
+        None,
+        "Start from this adapter file's weights (rank, alpha, targets and variant must match the options).",
+        "Adapter",
+    )
     # -- optimisation ---------------------------------------------------------------------------------------------
     learning_rate: float = _opt(1e-4, "Peak learning rate.", "Optimisation")
     lr_scheduler: LRScheduler = _opt("constant", "Learning-rate schedule after warm-up.", "Optimisation")
@@ -118,6 +138,16 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables it).", "Optimisation")
     weight_decay: float = _opt(1e-2, "AdamW weight decay.", "Optimisation")
     seed: int = _opt(0, "Seed of data order, augmentation, noise and LoRA init: same seed, same run.", "Optimisation")
+    snr_gamma: float | None = _opt(
+        None,
+        "Min-SNR weighting (diffusers' compute_snr): each example's loss x min(SNR, gamma) / SNR; 5 is usual.",
+        "Optimisation",
+    )
+    noise_offset: float = _opt(
+        0.0,
+        "Add this x one Gaussian per image and latent channel to the VAE-latent noise (darker / brighter images).",
+        "Optimisation",
+    )
     # -- memory ---------------------------------------------------------------------------------------------------
     gradient_checkpointing: bool = _opt(
         False,
@@ -158,6 +188,17 @@ class TrainConfig:
     num_validation_images: int = _opt(2, "Images per validation.", "Validation")
     validation_inference_steps: int = _opt(25, "Denoising steps per validation image.", "Validation")
     validation_guidance_scale: float = _opt(8.0, "Guidance scale of validation images.", "Validation")
+    # -- trackers and the hub -------------------------------------------------------------------------------------
+    report_to: Tracker | None = _opt(
+        None,
+        "Where metrics, hyperparameters and validation images go: tensorboard (the default when installed), "
+        "wandb or none.",
+        "Outputs",
+    )
+    push_to_hub: str | None = _opt(
+        None, "Upload the run folder (adapter, model card, metrics) to this Hugging Face repo at the end.", "Outputs"
+    )
+    hub_private: bool = _opt(False, "Create the --push-to-hub repo as private.", "Outputs")
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -225,6 +266,27 @@ class TrainConfig:
             )
         if self.overwrite and self.resume_from_checkpoint:
             fail("--overwrite starts afresh and --resume-from-checkpoint continues: choose one")
+        self._check_extras(fail)
+
+    def _check_extras(self, fail) -> None:
+        """Adapter variants, loss options, trackers and the hub."""
+        for name in ("loraplus_lr_ratio", "snr_gamma"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                fail(f"--{_flag(name)} must be a positive finite number (got {value})")
+        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
+            fail(f"--noise-offset must be a finite number >= 0 (got {self.noise_offset})")
+        if self.method == "full":
+            lora_only = ["use_dora", "use_rslora", "loraplus_lr_ratio", "init_adapter"]
+            used = [f"--{_flag(n)}" for n in lora_only if getattr(self, n) not in (None, False)]
+            if used:
+                fail(f"{used[0]} is a LoRA option: drop it, or train with --method lora")
+        if self.init_adapter is not None and not isinstance(self.init_adapter, Path):
+            self.init_adapter = Path(self.init_adapter)
+        if self.hub_private and not self.push_to_hub:
+            fail("--hub-private goes with --push-to-hub REPO (the repository to create)")
+        if self.push_to_hub is not None and not HUB_REPO.fullmatch(self.push_to_hub):
+            fail(f"--push-to-hub {self.push_to_hub!r}: give a repository id such as your-name/sks-dog-lora")
 
     @property
     def lora_alpha(self) -> float:

@@ -1,9 +1,10 @@
 """Adapters attached to one loaded UniDiffuser and switched without reloading it; the `lora-db sample` run.
 
 Each adapter file is injected into the U-ViT (and the CLIP text encoder, if it trained one) under its own peft
-adapter name. Switching only changes which adapters every LoRA layer adds and at what scale (weight x alpha /
-rank, `adapters.lora_scale`, the same definition merge uses): about 2 ms on the tiny model and 16 ms on the
-real-size U-ViT, where loading the base takes seconds. In a notebook, after the two training runs of
+adapter name. Switching only changes which adapters every LoRA layer adds and at what scale (peft's own
+`set_scale`: weight x alpha / rank, or / sqrt(rank) for rsLoRA, the definition merge uses too): about 2 ms on
+the tiny model and 16 ms on the real-size U-ViT, where loading the base takes seconds. A DoRA adapter is only
+applied alone (its output is no sum of updates). In a notebook, after the two training runs of
 docs/sample-and-merge.md:
 
     import lora_db
@@ -40,9 +41,9 @@ from .adapters import (
     AdapterFile,
     WeightedAdapter,
     check_fits,
+    check_summable,
     inject_lora,
     load_lora_state_dict,
-    lora_scale,
     pipeline_component,
     read_adapter,
 )
@@ -100,21 +101,22 @@ class AdapterSet:
         return name
 
     def activate(self, weights: Mapping[str, float]) -> None:
-        """Make exactly these adapters count, each at weight x alpha / rank; `{}` leaves the base model alone."""
+        """Make exactly these adapters count, each at weight x its scale; `{}` leaves the base model alone."""
         unknown = [name for name in weights if name not in self.files]
         if unknown:
             raise LoraDBError(f"no adapter named {unknown[0]} is loaded; loaded: {', '.join(self.files) or 'none'}")
         bad = [f"{name}={weight}" for name, weight in weights.items() if not math.isfinite(weight)]
         if bad:
             raise LoraDBError(f"adapter weights must be finite numbers, not {bad[0]}")
-        for component, layers in self._layers.items():
+        check_summable(self.files[name] for name in weights)
+        for layers in self._layers.values():
             for layer in layers:
                 present = [name for name in weights if name in layer.lora_A]
                 layer.enable_adapters(bool(present))
                 if present:
                     layer.set_adapter(present, inference_mode=True)
                     for name in present:
-                        layer.scaling[name] = lora_scale(self.files[name].specs[component], weights[name])
+                        layer.set_scale(name, weights[name])
         self.active = dict(weights)
 
     def _free_name(self, path: Path) -> str:
@@ -307,6 +309,8 @@ def sample(config: SampleConfig) -> SampleResult:
     from .models import load_pipeline as load_base
 
     files = {c.path: read_adapter(c.path) for c in config.choices if c.path is not None}
+    if config.combine:
+        check_summable(files.values())
     model = resolve_model(config.model, files.values())
     prompts = config.read_prompts() if config.mode == "t2i" else []
     image = _read_image(config.image) if config.mode == "i2t" else None

@@ -7,8 +7,11 @@
     lora-db merge --adapter ... --into-adapter both-r4.safetensors --rank 4   # SVD, error reported
 
 Every adapter adds weight x scale x B @ A (`adapters.lora_scale`, the definition hot-swap uses), summed in fp32
-and cast back to the stored dtype; a result that is not finite is refused. The merged folder is a plain diffusers
-UniDiffuser pipeline: stock `UniDiffuserPipeline.from_pretrained` loads it, no lora-db needed.
+and cast back to the stored dtype; a result that is not finite is refused. A DoRA adapter is folded as peft merges
+it (its magnitude over the row norm of the adapted weight, `adapters.dora_delta`), and only alone: DoRA's output is
+not a sum of updates, so it is neither added to other adapters nor combined into an adapter file. The merged
+folder is a plain diffusers UniDiffuser pipeline: stock `UniDiffuserPipeline.from_pretrained` loads it, no
+lora-db needed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from .adapters import (
     LoraSpec,
     WeightedAdapter,
     check_fits,
+    check_summable,
+    dora_delta,
     lora_delta,
+    lora_magnitudes,
     lora_pairs,
     lora_scale,
     pipeline_component,
@@ -93,13 +99,21 @@ def fold_adapters(pipe, adapters: Weighted) -> int:
     Each adapter is checked against the model before any weight changes. A non-finite result stops the merge
     with the pipeline partly merged: reload it before using it again.
     """
+    check_summable(adapter for adapter, _ in adapters)
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     for adapter, weight in adapters:
         for component, spec in adapter.specs.items():
-            check_fits(pipeline_component(pipe, adapter, component), adapter, component)
+            model = pipeline_component(pipe, adapter, component)
+            check_fits(model, adapter, component)
             summed = deltas.setdefault(component, {})
+            magnitudes = lora_magnitudes(adapter, component)
             for module, (lora_a, lora_b) in lora_pairs(adapter, component).items():
-                delta = lora_delta(lora_a, lora_b, lora_scale(spec, weight))
+                scale = lora_scale(spec, weight)
+                if module in magnitudes:
+                    base = model.get_submodule(module).weight
+                    delta = dora_delta(base, lora_a, lora_b, magnitudes[module], scale)
+                else:
+                    delta = lora_delta(lora_a, lora_b, scale)
                 summed[module] = summed[module] + delta if module in summed else delta
     for component, summed in deltas.items():
         model = getattr(pipe, component)
@@ -197,8 +211,14 @@ def combine_adapters(adapters: Weighted, rank: int | None = None) -> Combined:
     """One adapter whose update is the adapters' weighted sum: exact (ranks concatenated) or an SVD to `rank`.
 
     Concatenation stacks the A matrices and puts the B matrices side by side, each B times its adapter's
-    weight x scale, so B @ A is the weighted sum; alpha = rank keeps the new scale 1.
+    weight x scale, so B @ A is the weighted sum; alpha = rank keeps the new scale 1. DoRA adapters are refused.
     """
+    dora = [a for a, _ in adapters if any(s.use_dora for s in a.specs.values())]
+    if dora:
+        raise LoraDBError(
+            f"--into-adapter: {dora[0].path} is a DoRA adapter, whose update depends on the base weights and is no "
+            "B @ A product, so it cannot be written into a combined LoRA file exactly; merge it with --out instead"
+        )
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     specs: dict[str, LoraSpec] = {}
     lost = kept = 0.0

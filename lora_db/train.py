@@ -51,6 +51,7 @@ from .memory import (
 from .models import check_resolution, load_pipeline, load_unet_config, native_resolution
 from .objective import ExampleSource, PromptEncoder, dreambooth_loss, example_source
 from .sampling import generate_images, image_grid, save_png
+from .variants import load_init_adapter, lora_spec, loraplus_optimizer
 
 logger = logging.getLogger("lora_db")
 
@@ -192,12 +193,14 @@ def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.de
     specs: dict[str, LoraSpec] = {}
     trained: dict[str, nn.Module] = {"unet": unet}
     if config.method == "lora":
-        specs["unet"] = LoraSpec(config.rank, config.lora_alpha, tuple(config.target_modules), config.lora_dropout)
+        specs["unet"] = lora_spec(config, tuple(config.target_modules))
         inject_lora(unet, specs["unet"])
         if config.train_text_encoder:
-            specs["text_encoder"] = LoraSpec(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS, config.lora_dropout)
+            specs["text_encoder"] = lora_spec(config, TEXT_ENCODER_TARGETS)
             inject_lora(text_encoder, specs["text_encoder"])
             trained["text_encoder"] = text_encoder
+        if config.init_adapter is not None:
+            load_init_adapter(config, specs, trained)
     else:
         unet.requires_grad_(True)
     pipe.to(device=device, dtype=dtype)
@@ -234,7 +237,11 @@ def setup_optimizer(config: TrainConfig, models: Models):
         params = [p for p in module.parameters() if p.requires_grad]
         lr = config.text_encoder_learning_rate if component == "text_encoder" else None
         groups.append({"params": params, "lr": lr or config.learning_rate})
-    optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
+    if config.loraplus_lr_ratio is not None:
+        rates = {component: group["lr"] for component, group in zip(models.trained, groups, strict=True)}
+        optimizer = loraplus_optimizer(config, models.trained, rates)
+    else:
+        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
@@ -459,6 +466,8 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
             run.noise_scheduler,
             run.generator,
             config.uncond_prob,
+            noise_offset=config.noise_offset,
+            snr_gamma=config.snr_gamma,
         )
     n = config.train_batch_size
     loss = per_example[:n].mean()
