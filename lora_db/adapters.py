@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .command_configs import WeightedAdapter as WeightedAdapter  # re-exported: part of this module's API
 from .errors import LoraDBError
 from .io import atomic_write
 
@@ -271,35 +272,6 @@ def dora_delta(
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """The update scale x B @ A that LoRA adds to a Linear weight, computed in fp32."""
     return (lora_b.float() @ lora_a.float()) * scale
-
-
-@dataclass(frozen=True)
-class WeightedAdapter:
-    """One `--adapter FILE[:WEIGHT]` value; `path` None stands for the base model alone (`none`)."""
-
-    path: Path | None
-    weight: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str) -> WeightedAdapter:
-        if text.strip().lower() == "none":
-            return cls(None)
-        head, sep, tail = text.rpartition(":")
-        # A colon followed by a path separator is part of the path, as is any colon of a file that exists.
-        if not sep or "/" in tail or "\\" in tail or Path(text).is_file():
-            return cls(Path(text))
-        try:
-            weight = float(tail)
-        except ValueError:
-            raise LoraDBError(f"--adapter {text}: the weight after ':' must be a number, as in {head}:0.7") from None
-        if not math.isfinite(weight):
-            raise LoraDBError(f"--adapter {text}: the weight must be a finite number, not {tail}")
-        return cls(Path(head), weight)
-
-    def __str__(self) -> str:
-        if self.path is None:
-            return "none"
-        return str(self.path) if self.weight == 1.0 else f"{self.path}:{self.weight:g}"
 
 
 def check_summable(adapters: Iterable[AdapterFile]) -> None:

@@ -17,9 +17,8 @@ from typing import Annotated, Literal
 
 import typer
 
+from .command_configs import MergeConfig, SampleConfig
 from .config import MixedPrecision
-from .inference import SampleConfig, SampleResult
-from .merge import MergeConfig, MergeResult
 
 
 def _option(cls: type, name: str, flag: str | None = None):
@@ -93,7 +92,7 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("ch") else "s")
 
 
-def _print_sample(result: SampleResult) -> None:
+def _print_sample(result) -> None:
     for caption in result.captions:
         typer.echo(f"{caption['row']} (seed {caption['seed']}): {caption['caption']}")
     if result.grid is not None:
@@ -148,7 +147,7 @@ def merge_command(
         typer.echo(f"base model load: {result.base_load_s:.2f} s")
 
 
-def _print_combined(result: MergeResult, config: MergeConfig) -> None:
+def _print_combined(result, config: MergeConfig) -> None:
     ranks = ", ".join(f"{component} rank {rank}" for component, rank in result.ranks.items())
     typer.echo(f"wrote {result.out}: {result.layers} layers, {ranks}")
     if config.rank is None:

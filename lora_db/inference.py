@@ -31,7 +31,6 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -47,7 +46,7 @@ from .adapters import (
     pipeline_component,
     read_adapter,
 )
-from .config import MixedPrecision
+from .command_configs import SampleConfig as SampleConfig  # re-exported: `sample(SampleConfig(...))`
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -153,64 +152,6 @@ def load_pipeline(model: str, adapters: Iterable[str | Path] = (), *, torch_dtyp
 
 
 # -- lora-db sample -------------------------------------------------------------------------------------------------
-
-
-def _opt(default, help: str):
-    factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help})
-
-
-@dataclass
-class SampleConfig:
-    out: Path = _opt(None, "Folder to write grid.png and one PNG per image (or captions.txt / .json) into.")
-    model: str | None = _opt(
-        None, "Base model (hub id, folder, `tiny`); defaults to the one the adapters were trained on."
-    )
-    adapters: list[str] = _opt(
-        list, "Adapter file, optionally with a weight (FILE:0.7); repeatable; `none` is the base model alone."
-    )
-    prompts: list[str] = _opt(list, "Prompt to sample (t2i); repeatable, one grid column set each.")
-    prompts_file: Path | None = _opt(None, "Text file of prompts, one a line (blank lines skipped).")
-    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.")
-    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.")
-    num_inference_steps: int = _opt(25, "Denoising steps per sample.")
-    guidance_scale: float = _opt(8.0, "Classifier-free guidance scale.")
-    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).")
-    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).")
-    mixed_precision: MixedPrecision = _opt("no", "Load the weights in fp16 (GPU) or bf16.")
-    mode: Literal["t2i", "i2t"] = _opt("t2i", "t2i: images from prompts; i2t: captions of --image.")
-    image: Path | None = _opt(None, "Image to caption in i2t mode.")
-    combine: bool = _opt(False, "Apply all adapters at once, as their weighted sum (one row), instead of one each.")
-    overwrite: bool = _opt(False, "Replace --out if it holds an earlier `lora-db sample` output.")
-
-    def __post_init__(self) -> None:
-        if self.out is None:
-            raise LoraDBError("--out is required: the folder to write the samples into")
-        self.out = Path(self.out)
-        self.choices = [WeightedAdapter.parse(text) for text in self.adapters] or [WeightedAdapter(None)]
-        for name in ("num_images", "num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise LoraDBError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not math.isfinite(self.guidance_scale):
-            raise LoraDBError(f"--guidance-scale must be a finite number (got {self.guidance_scale})")
-        if self.mode == "i2t" and (self.prompts or self.prompts_file):
-            raise LoraDBError("--prompt and --prompts-file are for --mode t2i; i2t captions --image")
-        if self.mode == "t2i" and not (self.prompts or self.prompts_file):
-            raise LoraDBError("--prompt (or --prompts-file) is required in t2i mode")
-        if (self.mode == "i2t") != (self.image is not None):
-            raise LoraDBError("--image goes with --mode i2t, and i2t needs an --image to caption")
-
-    def read_prompts(self) -> list[str]:
-        prompts = list(self.prompts)
-        if self.prompts_file is not None:
-            try:
-                text = Path(self.prompts_file).read_text(encoding="utf-8-sig")
-            except (OSError, UnicodeDecodeError) as err:
-                raise LoraDBError(f"--prompts-file {self.prompts_file}: cannot read it as UTF-8 text ({err})") from None
-            prompts += [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise LoraDBError(f"--prompts-file {self.prompts_file} holds no prompt")
-        return prompts
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -32,7 +31,6 @@ from .adapters import (
     COMPONENTS,
     AdapterFile,
     LoraSpec,
-    WeightedAdapter,
     check_fits,
     check_summable,
     dora_delta,
@@ -44,6 +42,7 @@ from .adapters import (
     read_adapter,
     save_adapter,
 )
+from .command_configs import MergeConfig as MergeConfig  # re-exported
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json
 
@@ -53,41 +52,6 @@ MERGE_MARKER = "lora_db_merge.json"
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Weighted = Sequence[tuple[AdapterFile, float]]
-
-
-def _opt(default, help: str):
-    factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help})
-
-
-@dataclass
-class MergeConfig:
-    adapters: list[str] = _opt(list, "Adapter file, optionally with a weight (FILE:0.6); repeatable.")
-    out: Path | None = _opt(None, "Folder to write the merged diffusers pipeline into.")
-    into_adapter: Path | None = _opt(None, "Instead of a pipeline, write the adapters' weighted sum as one adapter.")
-    model: str | None = _opt(
-        None, "Base model (hub id, folder, `tiny`); defaults to the one the adapters were trained on."
-    )
-    rank: int | None = _opt(None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.")
-    save_dtype: Literal["fp32", "fp16", "bf16"] = _opt("fp32", "dtype of the merged pipeline's weights.")
-    overwrite: bool = _opt(False, "Replace an output lora-db wrote before.")
-
-    def __post_init__(self) -> None:
-        self.choices = [WeightedAdapter.parse(text) for text in self.adapters]
-        if not self.choices:
-            raise LoraDBError("--adapter is required: name at least one adapter file to merge")
-        if any(c.path is None for c in self.choices):
-            raise LoraDBError("--adapter none: merge folds adapters into the base; leave `none` out")
-        if (self.out is None) == (self.into_adapter is None):
-            raise LoraDBError("give one of --out DIR (a merged pipeline) or --into-adapter FILE (one adapter)")
-        if self.rank is not None and self.into_adapter is None:
-            raise LoraDBError("--rank goes with --into-adapter (an SVD of the combined adapter)")
-        if self.rank is not None and self.rank < 1:
-            raise LoraDBError(f"--rank must be at least 1 (got {self.rank})")
-        if self.into_adapter is not None and Path(self.into_adapter).suffix != ".safetensors":
-            raise LoraDBError(f"--into-adapter {self.into_adapter}: adapter files end in .safetensors")
-        self.out = Path(self.out) if self.out is not None else None
-        self.into_adapter = Path(self.into_adapter) if self.into_adapter is not None else None
 
 
 # -- folding into the base weights ----------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""What `lora-db sample` and `lora-db merge` take: their config dataclasses and the `--adapter FILE[:WEIGHT]` value.
+
+Kept free of torch so that the CLI builds its options (and prints --help and usage errors) without importing it;
+lora_db.inference and lora_db.merge hold the code that runs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .config import MixedPrecision
+from .errors import LoraDBError
+
+
+@dataclass(frozen=True)
+class WeightedAdapter:
+    """One `--adapter FILE[:WEIGHT]` value; `path` None stands for the base model alone (`none`)."""
+
+    path: Path | None
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> WeightedAdapter:
+        if text.strip().lower() == "none":
+            return cls(None)
+        head, sep, tail = text.rpartition(":")
+        # A colon followed by a path separator is part of the path, as is any colon of a file that exists.
+        if not sep or "/" in tail or "\\" in tail or Path(text).exists():
+            return cls(Path(text))
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise LoraDBError(f"--adapter {text}: the weight after ':' must be a number, as in {head}:0.7") from None
+        if not math.isfinite(weight):
+            raise LoraDBError(f"--adapter {text}: the weight must be a finite number, not {tail}")
+        return cls(Path(head), weight)
+
+    def __str__(self) -> str:
+        if self.path is None:
+            return "none"
+        return str(self.path) if self.weight == 1.0 else f"{self.path}:{self.weight:g}"
+
+
+def _opt(default, help: str):
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help})
+
+
+@dataclass
+class SampleConfig:
+    out: Path = _opt(None, "Folder to write grid.png and one PNG per image (or captions.txt / .json) into.")
+    model: str | None = _opt(
+        None, "Base model (hub id, folder, `tiny`); defaults to the one the adapters were trained on."
+    )
+    adapters: list[str] = _opt(
+        list, "Adapter file, optionally with a weight (FILE:0.7); repeatable; `none` is the base model alone."
+    )
+    prompts: list[str] = _opt(list, "Prompt to sample (t2i); repeatable, one grid column set each.")
+    prompts_file: Path | None = _opt(None, "Text file of prompts, one a line (blank lines skipped).")
+    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.")
+    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.")
+    num_inference_steps: int = _opt(25, "Denoising steps per sample.")
+    guidance_scale: float = _opt(8.0, "Classifier-free guidance scale.")
+    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).")
+    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).")
+    mixed_precision: MixedPrecision = _opt("no", "Load the weights in fp16 (GPU) or bf16.")
+    mode: Literal["t2i", "i2t"] = _opt("t2i", "t2i: images from prompts; i2t: captions of --image.")
+    image: Path | None = _opt(None, "Image to caption in i2t mode.")
+    combine: bool = _opt(False, "Apply all adapters at once, as their weighted sum (one row), instead of one each.")
+    overwrite: bool = _opt(False, "Replace --out if it holds an earlier `lora-db sample` output.")
+
+    def __post_init__(self) -> None:
+        if self.out is None:
+            raise LoraDBError("--out is required: the folder to write the samples into")
+        self.out = Path(self.out)
+        self.choices = [WeightedAdapter.parse(text) for text in self.adapters] or [WeightedAdapter(None)]
+        for name in ("num_images", "num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise LoraDBError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not math.isfinite(self.guidance_scale):
+            raise LoraDBError(f"--guidance-scale must be a finite number (got {self.guidance_scale})")
+        if self.mode == "i2t" and (self.prompts or self.prompts_file):
+            raise LoraDBError("--prompt and --prompts-file are for --mode t2i; i2t captions --image")
+        if self.mode == "t2i" and not (self.prompts or self.prompts_file):
+            raise LoraDBError("--prompt (or --prompts-file) is required in t2i mode")
+        if (self.mode == "i2t") != (self.image is not None):
+            raise LoraDBError("--image goes with --mode i2t, and i2t needs an --image to caption")
+
+    def read_prompts(self) -> list[str]:
+        prompts = list(self.prompts)
+        if self.prompts_file is not None:
+            try:
+                text = Path(self.prompts_file).read_text(encoding="utf-8-sig")
+            except (OSError, UnicodeDecodeError) as err:
+                raise LoraDBError(f"--prompts-file {self.prompts_file}: cannot read it as UTF-8 text ({err})") from None
+            prompts += [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise LoraDBError(f"--prompts-file {self.prompts_file} holds no prompt")
+        return prompts
+
+
+@dataclass
+class MergeConfig:
+    adapters: list[str] = _opt(list, "Adapter file, optionally with a weight (FILE:0.6); repeatable.")
+    out: Path | None = _opt(None, "Folder to write the merged diffusers pipeline into.")
+    into_adapter: Path | None = _opt(None, "Instead of a pipeline, write the adapters' weighted sum as one adapter.")
+    model: str | None = _opt(
+        None, "Base model (hub id, folder, `tiny`); defaults to the one the adapters were trained on."
+    )
+    rank: int | None = _opt(None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.")
+    save_dtype: Literal["fp32", "fp16", "bf16"] = _opt("fp32", "dtype of the merged pipeline's weights.")
+    overwrite: bool = _opt(False, "Replace an output lora-db wrote before.")
+
+    def __post_init__(self) -> None:
+        self.choices = [WeightedAdapter.parse(text) for text in self.adapters]
+        if not self.choices:
+            raise LoraDBError("--adapter is required: name at least one adapter file to merge")
+        if any(c.path is None for c in self.choices):
+            raise LoraDBError("--adapter none: merge folds adapters into the base; leave `none` out")
+        if (self.out is None) == (self.into_adapter is None):
+            raise LoraDBError("give one of --out DIR (a merged pipeline) or --into-adapter FILE (one adapter)")
+        if self.rank is not None and self.into_adapter is None:
+            raise LoraDBError("--rank goes with --into-adapter (an SVD of the combined adapter)")
+        if self.rank is not None and self.rank < 1:
+            raise LoraDBError(f"--rank must be at least 1 (got {self.rank})")
+        if self.into_adapter is not None and Path(self.into_adapter).suffix != ".safetensors":
+            raise LoraDBError(f"--into-adapter {self.into_adapter}: adapter files end in .safetensors")
+        self.out = Path(self.out) if self.out is not None else None
+        self.into_adapter = Path(self.into_adapter) if self.into_adapter is not None else None
