@@ -32,6 +32,7 @@ from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolv
 from .config import TEXT_ENCODER_TARGETS, TrainConfig
 from .data import ImageRecord, batch_indices, find_images, scan_images
 from .errors import LoraDBError
+from .hub import check_hub_access, push_run
 from .io import atomic_directory, atomic_write_json, atomic_write_text
 from .memory import (
     check_attention_backend,
@@ -48,9 +49,11 @@ from .memory import (
     upcast_trainable,
     weight_dtype,
 )
+from .model_card import write_model_card
 from .models import check_resolution, load_pipeline, load_unet_config, native_resolution
 from .objective import ExampleSource, PromptEncoder, dreambooth_loss, example_source
 from .sampling import generate_images, image_grid, save_png
+from .tracking import PROJECT, hyperparameters, log_validation_images, resolve_tracker, tracker_init_kwargs
 from .variants import load_init_adapter, lora_spec, loraplus_optimizer
 
 logger = logging.getLogger("lora_db")
@@ -92,6 +95,9 @@ def check_before_loading(config: TrainConfig, device: torch.device) -> TrainConf
     check_attention_backend(config.attention)
     check_optimizer(config.optimizer)
     check_mixed_precision(config.mixed_precision, device)
+    resolve_tracker(config.report_to)
+    if config.push_to_hub:
+        check_hub_access(config.push_to_hub)
     unet_config = load_unet_config(config.model)
     resolution = config.resolution or native_resolution(unet_config)
     check_resolution(resolution, unet_config, config.model)
@@ -129,18 +135,15 @@ def _clear_previous_run(output_dir: Path) -> None:
 
 
 def setup_accelerator(config: TrainConfig):
-    import importlib.util
-
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    tensorboard = importlib.util.find_spec("tensorboard") is not None
     kwargs_handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.method == "full")]
     return Accelerator(
         # Without cpu=True accelerate only forms a process group on accelerators; torchrun on CPUs needs gloo.
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
-        log_with="tensorboard" if tensorboard else None,
+        log_with=resolve_tracker(config.report_to),
         project_config=ProjectConfiguration(
             project_dir=str(config.output_dir), logging_dir=str(config.output_dir / "logs")
         ),
@@ -360,6 +363,7 @@ def run_validation(config: TrainConfig, models: Models, accelerator, step: int) 
             {"prompt": config.validation_prompt, "seed": config.seed + i, "step": step},
         )
     save_png(image_grid([images]), folder / f"step-{step:06d}.png", {"prompt": config.validation_prompt})
+    log_validation_images(accelerator, images, step, config.validation_prompt, config.seed)
     for module in models.trained.values():
         module.train()
     return folder
@@ -617,7 +621,9 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
         atomic_write_json(config.output_dir / "config.json", config.to_dict())
     start_step = resume(run) if config.resume_from_checkpoint else 0
     if accelerator.log_with:
-        accelerator.init_trackers("lora-db")
+        tracker = resolve_tracker(config.report_to)
+        init_kwargs = tracker_init_kwargs(tracker, config.output_dir) if accelerator.is_main_process else {}
+        accelerator.init_trackers(PROJECT, config=hyperparameters(config), init_kwargs=init_kwargs)
     trainable = count_parameters(*run.models.trained.values(), trainable_only=True)
     logger.info(
         "training %s of %s parameters (%s)",
@@ -688,18 +694,19 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter_path = save_outputs(config, run.models, step)
-        atomic_write_json(
-            config.output_dir / "summary.json",
-            {
-                "steps": step,
-                "final_loss": losses[-1] if losses else None,
-                "trainable_parameters": trainable,
-                "peak_memory_bytes": peak_memory_bytes(device),
-                "setup_memory_bytes": run.setup_memory_bytes,
-                "device": str(device),
-                "num_processes": accelerator.num_processes,
-                "output": str(adapter_path),
-            },
-        )
+        summary = {
+            "steps": step,
+            "final_loss": losses[-1] if losses else None,
+            "trainable_parameters": trainable,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "setup_memory_bytes": run.setup_memory_bytes,
+            "device": str(device),
+            "num_processes": accelerator.num_processes,
+            "output": str(adapter_path),
+        }
+        atomic_write_json(config.output_dir / "summary.json", summary)
+        write_model_card(config, summary, adapter_path)
     accelerator.end_training()
+    if config.push_to_hub and accelerator.is_main_process:
+        push_run(config, step)
     return TrainResult(config.output_dir, adapter_path, step, losses, validation_dir)
