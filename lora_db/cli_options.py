@@ -2,6 +2,7 @@
 
 Each dataclass field becomes one option (`rank` -> `--rank`, booleans get `--x/--no-x`) with the field's help text
 and default; the option's own default is None, so only what the user typed overrides a `--config` file.
+`lora-db train` and `estimate` also take diffusers' flag names as hidden options (lora_db/aliases.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from .aliases import REFUSED, RENAMED, REQUIRES, apply_aliases, check_required, underscore_aliases
 from .config import TrainConfig, field_types, option_type
+
+ALIAS_PREFIX = "alias__"
 
 
 def _split_commas(values: list[str] | None) -> list[str] | None:
@@ -63,6 +67,36 @@ def dataclass_options(cls: type) -> list[inspect.Parameter]:
     return params
 
 
+def alias_options(cls: type) -> list[inspect.Parameter]:
+    """Hidden options for diffusers' flag names: renamed, underscore spellings, switches checked later, refused."""
+    hints = field_types(cls)
+    types = {f.name: option_type(hints[f.name]) for f in dataclasses.fields(cls)}
+    is_bool = {name: base is bool for name, (base, _, _) in types.items()}
+    flags: list[tuple[str, Any]] = []  # (flag, annotation of its value)
+    for alias in (*RENAMED, *underscore_aliases(list(types), is_bool)):
+        base, choices, _ = types[alias.field]
+        if alias.switch_value is not None:
+            flags.append((alias.flag, bool))
+        else:
+            flags.append((alias.flag, list[str] if base is list else Literal[choices] if choices else base))
+    flags += [(flag, bool) for flag in REQUIRES]
+    flags += [(flag, str if takes_value else bool) for flag, (takes_value, _) in REFUSED.items()]
+    params = []
+    for flag, annotation in flags:
+        option = typer.Option(flag, hidden=True, show_default=False)
+        default = False if annotation is bool else None
+        hint = annotation if annotation is bool else annotation | None
+        params.append(
+            inspect.Parameter(
+                ALIAS_PREFIX + flag[2:],
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[hint, option],
+            )
+        )
+    return params
+
+
 def with_dataclass_options(cls: type):
     """Give a command `fn(config_file, **values)` the options of `cls` (the single source of their help)."""
 
@@ -72,7 +106,7 @@ def with_dataclass_options(cls: type):
             for p in inspect.signature(fn, eval_str=True).parameters.values()
             if p.kind is not inspect.Parameter.VAR_KEYWORD
         ]
-        params = own + dataclass_options(cls)
+        params = own + dataclass_options(cls) + (alias_options(cls) if cls is TrainConfig else [])
         fn.__signature__ = inspect.Signature(params)
         fn.__annotations__ = {p.name: p.annotation for p in params}
         return fn
@@ -81,9 +115,17 @@ def with_dataclass_options(cls: type):
 
 
 def build_train_config(config_file: Path | None, values: dict[str, Any]) -> TrainConfig:
-    values = dict(values)
+    given = {
+        "--" + k.removeprefix(ALIAS_PREFIX): v
+        for k, v in values.items()
+        if k.startswith(ALIAS_PREFIX) and v not in (None, False)
+    }
+    values = {k: v for k, v in values.items() if not k.startswith(ALIAS_PREFIX)}
+    required = apply_aliases(values, given)
     values["target_modules"] = _split_commas(values.get("target_modules"))
-    return TrainConfig.from_sources(config_file, **values)
+    config = TrainConfig.from_sources(config_file, **values)
+    check_required(required, config)
+    return config
 
 
 ConfigFile = Annotated[
