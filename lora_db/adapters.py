@@ -376,7 +376,7 @@ def describe_adapter(adapter: AdapterFile) -> dict[str, object]:
         }
     info: dict[str, object] = {
         "file": str(adapter.path),
-        "size_bytes": adapter.path.stat().st_size,
+        "size_bytes": _size(adapter.path),
         "format": meta.get("format", ""),
         "lora_db_version": meta.get("lora_db_version", ""),
         "base_model": meta.get("base_model", ""),
@@ -391,6 +391,10 @@ def describe_adapter(adapter: AdapterFile) -> dict[str, object]:
         if key in meta:
             info[key] = _json_or_text(meta[key])
     return info
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _json_or_text(value: str) -> object:

@@ -3,6 +3,7 @@
     lora-db sample --adapter robot/adapter.safetensors --adapter none --prompt "a photo of sks robot" --out samples
     lora-db merge --adapter robot/adapter.safetensors --out robot-merged
     lora-db info robot/adapter.safetensors
+    lora-db export robot/adapter.safetensors --format peft robot-peft
 
 Defaults and help text come from the SampleConfig / MergeConfig fields, the one place they are defined.
 """
@@ -157,7 +158,7 @@ def _print_combined(result, config: MergeConfig) -> None:
 
 
 def info_command(
-    file: Annotated[Path, typer.Argument(help="Adapter file (.safetensors).")],
+    file: Annotated[Path, typer.Argument(help="Adapter file (.safetensors) or exported peft folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
 ) -> None:
     """Describe an adapter from its metadata: base model, components, rank, alpha, targets, size, training."""
@@ -192,7 +193,26 @@ def info_lines(info: dict) -> list[str]:
     return lines
 
 
+def export_command(
+    adapter: Annotated[Path, typer.Argument(help="Adapter file (.safetensors) or folder to export.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write: one peft folder per component (unet/, text_encoder/).")],
+    format: Annotated[
+        Literal["peft"], typer.Option("--format", help="peft: adapter_config.json + adapter_model.safetensors.")
+    ] = "peft",
+    overwrite: Annotated[bool, typer.Option(help="Replace a folder lora-db exported before.")] = False,
+) -> None:
+    """Export an adapter as peft folders that PeftModel.from_pretrained loads onto the U-ViT and the text encoder.
+
+    Example: lora-db export robot/adapter.safetensors --format peft robot-peft
+    """
+    from .peft_export import export_peft
+
+    for folder in export_peft(adapter, out, overwrite=overwrite):
+        typer.echo(f"{format}: {folder}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("sample", no_args_is_help=True)(sample_command)
     app.command("merge", no_args_is_help=True)(merge_command)
     app.command("info", no_args_is_help=True)(info_command)
+    app.command("export", no_args_is_help=True)(export_command)

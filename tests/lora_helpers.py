@@ -79,3 +79,41 @@ def assert_one_line_error(result: tuple[int, str, list[str]], *fragments: str) -
     assert len(err) == 1 and err[0].startswith("error: "), err
     for fragment in fragments:
         assert fragment in err[0], err[0]
+
+
+def make_variant_adapter(pipe, path: Path, seed: int, text_encoder: bool = True, **variant) -> Path:
+    """Seeded non-zero A, B and (for DoRA) a magnitude that is not the base norm, so ignoring it would show."""
+    generator = torch.Generator().manual_seed(seed)
+    specs = {"unet": LoraSpec(4, 8.0, UNET_ATTENTION_TARGETS, **variant)}
+    if text_encoder:
+        specs["text_encoder"] = LoraSpec(2, 3.0, TEXT_ENCODER_TARGETS, **variant)
+    tensors = {}
+    for component, spec in specs.items():
+        module = copy.deepcopy(getattr(pipe, component))
+        inject_lora(module, spec)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if ".lora_" in name:
+                    noise = torch.randn(param.shape, generator=generator)
+                    param.copy_(param * (1 + 0.2 * noise) if param.ndim == 1 else 0.2 * noise)
+        tensors[component] = lora_state_dict(module)
+    return save_adapter(path, tensors, specs, {"base_model": "tiny", "instance_prompt": "p", "steps": "0"})
+
+
+def uvit_and_text_outputs(pipe) -> list[torch.Tensor]:
+    """Seeded CLIP text-encoder states and both U-ViT image outputs (fp32, no sampling loop to blur them)."""
+    generator = torch.Generator().manual_seed(0)
+    size, unet = pipe.unet.config.sample_size, pipe.unet
+    latents = torch.randn((2, pipe.num_channels_latents, size, size), generator=generator)
+    clip = torch.randn((2, 1, pipe.image_encoder_projection_dim), generator=generator)
+    tokens = torch.randint(0, pipe.clip_tokenizer.vocab_size, (2, 77), generator=generator)
+    with torch.no_grad():
+        hidden = pipe.text_encoder(tokens)[0]
+        prompt = pipe.text_decoder.encode(hidden)
+        img, clip_out, _ = unet(latents, clip, prompt, timestep_img=500, timestep_text=0, data_type=1)
+    return [hidden, img, clip_out]
+
+
+def assert_close(left: list[torch.Tensor], right: list[torch.Tensor], atol: float = 2e-5) -> None:
+    for a, b in zip(left, right, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)

@@ -6,14 +6,12 @@ Every path that applies an adapter must agree with peft's own forward for every 
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import assert_one_line_error, run_cli
+from lora_helpers import assert_close, assert_one_line_error, make_variant_adapter, run_cli, uvit_and_text_outputs
 
-from lora_db.adapters import LoraSpec, inject_lora, lora_scale, lora_state_dict, read_adapter, save_adapter
-from lora_db.config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
+from lora_db.adapters import lora_scale, lora_state_dict, read_adapter, save_adapter
 from lora_db.errors import LoraDBError
 from lora_db.inference import AdapterSet, lora_layers
 from lora_db.merge import combine_adapters, fold_adapters
@@ -37,43 +35,6 @@ def pristine():
     return build_random_pipeline("tiny")
 
 
-def make_variant_adapter(pipe, path: Path, seed: int, text_encoder: bool = True, **variant) -> Path:
-    """Seeded non-zero A, B and (for DoRA) a magnitude that is not the base norm, so ignoring it would show."""
-    generator = torch.Generator().manual_seed(seed)
-    specs = {"unet": LoraSpec(4, 8.0, UNET_ATTENTION_TARGETS, **variant)}
-    if text_encoder:
-        specs["text_encoder"] = LoraSpec(2, 3.0, TEXT_ENCODER_TARGETS, **variant)
-    tensors = {}
-    for component, spec in specs.items():
-        module = copy.deepcopy(getattr(pipe, component))
-        inject_lora(module, spec)
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                if ".lora_" in name:
-                    noise = torch.randn(param.shape, generator=generator)
-                    param.copy_(param * (1 + 0.2 * noise) if param.ndim == 1 else 0.2 * noise)
-        tensors[component] = lora_state_dict(module)
-    return save_adapter(path, tensors, specs, {"base_model": "tiny", "instance_prompt": "p", "steps": "0"})
-
-
-def uvit_and_text_outputs(pipe) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    size, unet = pipe.unet.config.sample_size, pipe.unet
-    latents = torch.randn((2, pipe.num_channels_latents, size, size), generator=generator)
-    clip = torch.randn((2, 1, pipe.image_encoder_projection_dim), generator=generator)
-    tokens = torch.randint(0, pipe.clip_tokenizer.vocab_size, (2, 77), generator=generator)
-    with torch.no_grad():
-        hidden = pipe.text_encoder(tokens)[0]
-        prompt = pipe.text_decoder.encode(hidden)
-        img, clip_out, _ = unet(latents, clip, prompt, timestep_img=500, timestep_text=0, data_type=1)
-    return [hidden, img, clip_out]
-
-
-def assert_close(left: list[torch.Tensor], right: list[torch.Tensor], atol: float = 2e-5) -> None:
-    for a, b in zip(left, right, strict=True):
-        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hot_swap_and_merge_match_peft_forward(variant, pristine, tmp_path):
     path = make_variant_adapter(pristine, tmp_path / f"{variant}.safetensors", seed=3, **VARIANTS[variant])
@@ -94,7 +55,7 @@ def test_hot_swap_and_merge_match_peft_forward(variant, pristine, tmp_path):
         merged_pipe = copy.deepcopy(pristine)
         fold_adapters(merged_pipe, [(adapter, weight)])
         assert_close(uvit_and_text_outputs(merged_pipe), swapped)
-        assert (swapped[1] - base[1]).abs().max() > 1e-3  # the adapter does change the output
+        assert min((swapped[i] - base[i]).abs().max() for i in range(3)) > 1e-3  # both components change it
     swap.activate({})
     assert_close(uvit_and_text_outputs(swap.pipe), base, atol=0)
 
