@@ -263,3 +263,35 @@ def test_noise_offset_shifts_only_the_latent_noise_per_channel(pristine):
     # target noise: latent part (256 of 320 values per example) gains offset^2 of variance, CLIP part none
     assert float(loss(0.0)) == pytest.approx(1.0, abs=0.02)
     assert float(loss(1.0)) == pytest.approx(1.0 + 256 / 320, abs=0.1)
+
+
+def test_resume_with_dora_loraplus_and_loss_options_reproduces_the_run(tiny_config, tmp_path):
+    import json
+    import shutil
+
+    from lora_db.train import train
+
+    options = {
+        "max_train_steps": 4,
+        "checkpointing_steps": 2,
+        "use_dora": True,
+        "use_rslora": True,
+        "loraplus_lr_ratio": 8.0,
+        "optimizer": "adamw8bit",
+        "snr_gamma": 5.0,
+        "noise_offset": 0.1,
+        "train_text_encoder": True,
+        "report_to": "none",
+    }
+    full = train(tiny_config(output_dir=tmp_path / "full", **options))
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(full.output_dir / "checkpoint-2", interrupted / "checkpoint-2")
+    resumed = train(tiny_config(output_dir=interrupted, resume_from_checkpoint="latest", **options))
+    assert resumed.losses == full.losses[2:]
+    lines = (interrupted / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [3, 4]
+    expected, actual = read_adapter(full.adapter_path).tensors, read_adapter(resumed.adapter_path).tensors
+    for component, part in expected.items():
+        assert actual[component].keys() == part.keys()
+        assert all(torch.equal(actual[component][key], tensor) for key, tensor in part.items())
