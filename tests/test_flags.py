@@ -27,6 +27,7 @@ def imported_modules(*args: str) -> tuple[int, set[str]]:
         (["merge", "--help"], 0),
         (["estimate", "--help"], 0),
         (["info", "--help"], 0),
+        (["export", "--help"], 0),
         (["train", "--rank", "four"], 2),
         (["sample", "--out", "x", "--num-images", "many"], 2),
     ],

@@ -265,6 +265,7 @@ def test_noise_offset_shifts_only_the_latent_noise_per_channel(pristine):
     assert float(loss(1.0)) == pytest.approx(1.0 + 256 / 320, abs=0.1)
 
 
+@pytest.mark.slow
 def test_resume_with_dora_loraplus_and_loss_options_reproduces_the_run(tiny_config, tmp_path):
     import json
     import shutil
