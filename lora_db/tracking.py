@@ -9,8 +9,11 @@ validation images as images.
 from __future__ import annotations
 
 import importlib.util
+import netrc
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .config import TrainConfig
 from .errors import LoraDBError
@@ -30,7 +33,25 @@ def resolve_tracker(report_to: str | None) -> str | None:
             f"--report-to {report_to}: {report_to} is not installed; `pip install 'lora-db[{EXTRAS[report_to]}]'` "
             "or pass --report-to none"
         )
+    if report_to == "wandb":
+        check_wandb_login()
     return report_to
+
+
+def check_wandb_login() -> None:
+    """wandb online needs an API key (environment or ~/.netrc, where `wandb login` puts it); offline does not."""
+    if os.environ.get("WANDB_MODE", "online") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        found = netrc.netrc().authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if not found:
+        raise LoraDBError(
+            "--report-to wandb: no W&B API key; run `wandb login` or set WANDB_API_KEY "
+            "(or WANDB_MODE=offline to keep the run in OUTPUT_DIR/logs/wandb)"
+        )
 
 
 def tracker_init_kwargs(tracker: str | None, output_dir: Path) -> dict[str, dict]:

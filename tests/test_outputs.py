@@ -13,6 +13,9 @@ from processes import run
 from lora_db.errors import LoraDBError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+NEEDS_WANDB = pytest.mark.skipif(
+    importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install 'lora-db[wandb]')"
+)
 
 VALIDATION = {
     "validation_prompt": "sks robot on a beach",
@@ -98,9 +101,7 @@ def wandb_records(run_file) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install 'lora-db[wandb]')"
-)
+@NEEDS_WANDB
 def test_wandb_offline_run_holds_config_metrics_and_images(instance_dir, tmp_path):
     out = tmp_path / "run"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in VALIDATION.items()]
@@ -176,3 +177,20 @@ def test_report_to_resolution():
     assert resolve_tracker("none") is None
     assert resolve_tracker(None) == ("tensorboard" if importlib.util.find_spec("tensorboard") else None)
     assert resolve_tracker("tensorboard") == "tensorboard"
+
+
+@NEEDS_WANDB
+def test_wandb_online_without_an_api_key_is_refused_before_loading(tmp_path, monkeypatch):
+    from lora_db.tracking import resolve_tracker
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(LoraDBError, match="no W&B API key; run `wandb login`"):
+        resolve_tracker("wandb")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_tracker("wandb") == "wandb"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (tmp_path / ".netrc").unlink()
+    assert resolve_tracker("wandb") == "wandb"
