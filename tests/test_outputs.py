@@ -1,11 +1,15 @@
 """Trackers (tensorboard event files and wandb offline runs, read back), the model card, and --push-to-hub's errors."""
 
+import base64
 import glob
+import gzip
 import importlib.util
 import json
 import os
 import struct
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from processes import run
@@ -145,6 +149,87 @@ def push_to_hub(instance_dir, tmp_path, **env_changes):
     assert len(lines) == 1 and lines[0].startswith("error: --push-to-hub someone/sks-lora: "), lines
     assert not (tmp_path / "out").exists()  # refused before any model loads or anything is written
     return lines[0]
+
+
+class FakeHub:
+    """The few hub endpoints huggingface_hub calls to create a repo and commit small files, on 127.0.0.1."""
+
+    def __init__(self):
+        self.requests, self.files, self.created = [], {}, []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, obj, code=200):
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _body(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(n)
+                if self.headers.get("Content-Encoding") == "gzip":
+                    data = gzip.decompress(data)
+                return data
+
+            def do_GET(self):
+                hub.requests.append(("GET", self.path))
+                if self.path.startswith("/api/whoami-v2"):
+                    return self._send({"type": "user", "name": "someone", "auth": {"accessToken": {"role": "write"}}})
+                self._send({"error": "not found"}, 404)
+
+            def do_POST(self):
+                hub.requests.append(("POST", self.path))
+                body = self._body()
+                if self.path == "/api/repos/create":
+                    hub.created.append(json.loads(body))
+                    return self._send({"url": f"http://{self.headers['Host']}/someone/sks-lora"})
+                if self.path.startswith("/api/validate-yaml"):
+                    return self._send({"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(body)["files"]
+                    return self._send(
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                    )
+                if "/commit/" in self.path:
+                    for line in body.decode().splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    return self._send(
+                        {"commitUrl": f"{hub.url}/someone/sks-lora/commit/{40 * '0'}", "commitOid": 40 * "0"}
+                    )
+                self._send({"error": "not found"}, 404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_the_run_folder_but_not_checkpoints_or_logs(instance_dir, tmp_path):
+    hub = FakeHub()
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="hf_test", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"))
+    command = [
+        sys.executable, "-m", "lora_db.cli", "train", "--model", "tiny", "--instance-dir", str(instance_dir),
+        "--instance-prompt", "a photo of sks robot", "--output-dir", str(out), "--max-train-steps", "2",
+        "--checkpointing-steps", "1", "--report-to", "tensorboard",
+        "--push-to-hub", "someone/sks-lora", "--hub-private",
+    ]  # fmt: skip
+    result = run(command, timeout=300, env=env)
+    hub.server.shutdown()
+    assert result.returncode == 0, result.stderr[-2000:]
+    (created,) = hub.created
+    assert (created["organization"], created["name"], created["visibility"]) == ("someone", "sks-lora", "private")
+    assert sorted(hub.files) == ["README.md", "adapter.safetensors", "config.json", "metrics.jsonl", "summary.json"]
+    assert hub.files["adapter.safetensors"] == (out / "adapter.safetensors").read_bytes()
+    assert (out / "checkpoint-2").is_dir() and (out / "logs").is_dir()  # kept local
 
 
 def test_push_to_hub_without_a_token(instance_dir, tmp_path):
