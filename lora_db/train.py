@@ -285,7 +285,24 @@ def restore(path: Path, models: Models, optimizer, scheduler, generator: torch.G
     optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
     restore_rng_state(state.rng, generator, accelerator.process_index)
+    restore_scaler(state.scaler, accelerator, path)
     return state.step
+
+
+def scaler_state(accelerator) -> dict | None:
+    """fp16's loss scale and growth tracker (accelerate keeps the GradScaler outside the optimizer state)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+
+
+def restore_scaler(state: dict | None, accelerator, path: Path) -> None:
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    if state is None:
+        logger.warning("checkpoint %s has no fp16 loss-scale state: the loss scale starts afresh", path)
+        return
+    scaler.load_state_dict(state)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -493,6 +510,18 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     return accelerator.reduce(step_loss, reduction="mean")
 
 
+def replica_divergence(run: Run) -> float:
+    """Largest difference of any trained weight between processes: 0 when every gradient was all-reduced.
+
+    Gathered one tensor at a time, so it costs (number of processes) x the largest tensor, never the whole model.
+    """
+    worst = 0.0
+    for tensor in trainable_state(run.models).values():
+        gathered = run.accelerator.gather(tensor.detach().float()[None])
+        worst = max(worst, (gathered - gathered[0]).abs().max().item())
+    return worst
+
+
 def memory_advice(config: TrainConfig) -> str:
     """The memory options this configuration does not use yet, most effective first."""
     unused = [
@@ -534,7 +563,12 @@ def checkpoint(run: Run, step: int) -> Path | None:
     if not run.accelerator.is_main_process:
         return None
     state = TrainingState(
-        step, trainable_state(run.models), run.optimizer.state_dict(), run.lr_scheduler.state_dict(), rng
+        step,
+        trainable_state(run.models),
+        run.optimizer.state_dict(),
+        run.lr_scheduler.state_dict(),
+        rng,
+        scaler_state(run.accelerator),
     )
     return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit)
 
@@ -676,6 +710,14 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     progress.close()
 
     adapter_path = None
+    divergence = replica_divergence(run) if accelerator.num_processes > 1 else 0.0
+    if divergence > 0:
+        logger.warning(
+            "the %d processes ended with different weights (max difference %.3g): the saved adapter is the main "
+            "process's",
+            accelerator.num_processes,
+            divergence,
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter_path = save_outputs(config, run.models, step)
@@ -689,6 +731,7 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
                 "setup_memory_bytes": run.setup_memory_bytes,
                 "device": str(device),
                 "num_processes": accelerator.num_processes,
+                "replica_max_abs_difference": divergence,
                 "output": str(adapter_path),
             },
         )
