@@ -129,6 +129,18 @@ def test_hub_model_out_of_reach_explains_how_to_use_a_local_copy(instance_dir, t
     assert "thu-ml/unidiffuser-v1" in line and "--model DIR" in line
 
 
+def test_hub_out_of_network_reach_is_one_line_at_once(instance_dir, tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf-home")}
+    args = train_args(instance_dir, tmp_path / "out", "--model", "thu-ml/unidiffuser-v1")
+    result = run([*CLI, *map(str, args)], env=env, timeout=300)
+    assert result.returncode == 1
+    # No retry lines, no library warnings: the one line names the network as the cause and the way out.
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --model thu-ml/unidiffuser-v1: the network is out of reach"), line
+    assert "--model DIR" in line
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(instance_dir, tmp_path):
     steps = ["--max-train-steps", "120", "--lora-dropout", "0.1"]
     reference = tmp_path / "reference"
