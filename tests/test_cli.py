@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,3 +202,27 @@ def test_two_process_data_parallel_run(instance_dir, tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
     assert result.stdout.count("adapter:") == 1  # only the main process writes and reports
+
+
+def test_train_help_shows_every_default():
+    import dataclasses
+
+    from lora_db.config import TrainConfig
+
+    result = run([*CLI, "train", "--help"], env={**os.environ, "COLUMNS": "400"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    shown = 0
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            expected = flag if default else "--no-" + flag[2:]
+        else:
+            expected = ",".join(default) if isinstance(default, list) else str(default)
+        (line,) = [line for line in lines if re.match(rf"^[^-\w]*{flag}\s", line)]
+        assert f"[default: {expected}]" in line, line
+        shown += 1
+    assert shown > 30
