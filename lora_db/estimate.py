@@ -280,6 +280,9 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
         config = replace(config, attention="sdpa")
     if config.validation_prompt:
         notes.append("validation sampling between steps is not included")
+    if config.init_adapter is not None:
+        # Its weights only replace the initial values of tensors of the same shapes: the same memory.
+        config = replace(config, init_adapter=None)
     return replace(config, resolution=resolution, alpha=config.lora_alpha), notes
 
 

@@ -296,3 +296,14 @@ def test_resume_with_dora_loraplus_and_loss_options_reproduces_the_run(tiny_conf
     for component, part in expected.items():
         assert actual[component].keys() == part.keys()
         assert all(torch.equal(actual[component][key], tensor) for key, tensor in part.items())
+
+
+def test_estimate_takes_the_variant_options(pristine, tiny_config, tmp_path):
+    from lora_db.estimate import estimate_memory
+
+    init = make_variant_adapter(pristine, tmp_path / "init.safetensors", seed=12, use_dora=True, text_encoder=False)
+    options = {"use_dora": True, "alpha": 8.0, "loraplus_lr_ratio": 16.0, "snr_gamma": 5.0, "noise_offset": 0.1}
+    estimate = estimate_memory(tiny_config(init_adapter=init, **options), device="cpu")
+    plain = estimate_memory(tiny_config(), device="cpu")
+    magnitudes = sum(p.numel() for k, p in read_adapter(init).tensors["unet"].items() if "magnitude" in k)
+    assert estimate.trainable_parameters == plain.trainable_parameters + magnitudes  # one per output feature
