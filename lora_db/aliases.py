@@ -31,6 +31,10 @@ RENAMED = (
     Alias("--use_8bit_adam", "optimizer", "adamw8bit"),
     Alias("--enable_xformers_memory_efficient_attention", "attention", "xformers"),
     Alias("--hub_model_id", "push_to_hub"),
+    # kohya's sd-scripts
+    Alias("--network_weights", "init_adapter"),
+    Alias("--network_dim", "rank"),
+    Alias("--network_alpha", "alpha"),
 )
 
 # Switches with no lora-db option of their own: checked against the resulting configuration.
