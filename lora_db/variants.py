@@ -109,7 +109,12 @@ def _check_same_spec(adapter: AdapterFile, component: str, spec: LoraSpec) -> No
                 f"pass {flag}{value}"
             )
     if set(found.target_modules) != set(spec.target_modules):
+        fix = (
+            f"pass --target-modules {','.join(found.target_modules)}"
+            if component == "unet"
+            else "lora-db trains the text encoder's q/k/v/out projections only"
+        )
         raise LoraDBError(
             f"--init-adapter {adapter.path}: its {component} targets {','.join(found.target_modules)}, this run "
-            f"{','.join(spec.target_modules)}; pass --target-modules {','.join(found.target_modules)}"
+            f"{','.join(spec.target_modules)}; {fix}"
         )
