@@ -118,7 +118,7 @@ def build_train_config(config_file: Path | None, values: dict[str, Any]) -> Trai
     given = {
         "--" + k.removeprefix(ALIAS_PREFIX): v
         for k, v in values.items()
-        if k.startswith(ALIAS_PREFIX) and v not in (None, False)
+        if k.startswith(ALIAS_PREFIX) and v is not None and v is not False  # 0 is a value, False an unused switch
     }
     values = {k: v for k, v in values.items() if not k.startswith(ALIAS_PREFIX)}
     required = apply_aliases(values, given)

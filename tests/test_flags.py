@@ -51,6 +51,7 @@ def test_a_diffusers_dreambooth_command_runs(instance_dir, tmp_path, monkeypatch
         "--instance_prompt", "a photo of sks robot", "--output_dir", out, "--resolution", "64",
         "--train_batch_size", "1", "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3",
         "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps", "2", "--use_8bit_adam",
+        "--max_grad_norm", "0",
         "--gradient_checkpointing", "--mixed_precision", "bf16", "--checkpointing_steps", "1", "--seed", "3",
         "--network_dim", "2", "--network_alpha", "3", "--report_to", "none", "--snr_gamma", "5.0", "--cache_latents",
     )  # fmt: skip
@@ -59,6 +60,7 @@ def test_a_diffusers_dreambooth_command_runs(instance_dir, tmp_path, monkeypatch
     expected = {
         "model": "tiny", "instance_dir": str(instance_dir), "output_dir": str(out), "resolution": 64,
         "learning_rate": 5e-3, "max_train_steps": 2, "optimizer": "adamw8bit", "gradient_checkpointing": True,
+        "max_grad_norm": 0.0,
         "mixed_precision": "bf16", "checkpointing_steps": 1, "seed": 3, "rank": 2, "alpha": 3.0, "report_to": "none",
         "snr_gamma": 5.0, "cache_latents": True,
     }  # fmt: skip
