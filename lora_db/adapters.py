@@ -336,10 +336,12 @@ def check_fits(model: nn.Module, adapter: AdapterFile, component: str) -> None:
                 f"{layer.out_features}x{layer.in_features} in this model; it was trained for another model size"
             )
     for module, magnitude in lora_magnitudes(adapter, component).items():
-        if module not in pairs or tuple(magnitude.shape) != (layers[module].out_features,):
+        if module not in pairs:
+            raise LoraDBError(f"{adapter.path}: {component}.{module} has a DoRA magnitude but no LoRA pair")
+        if tuple(magnitude.shape) != (layers[module].out_features,):
             raise LoraDBError(
                 f"{adapter.path}: {component}.{module}'s DoRA magnitude has shape {tuple(magnitude.shape)}, "
-                f"not ({layers[module].out_features},) with a LoRA pair; the file is inconsistent"
+                f"not ({layers[module].out_features},); the file is inconsistent"
             )
     missing = [n for n in layers if matches_target(n, adapter.specs[component].target_modules) and n not in pairs]
     if missing:
