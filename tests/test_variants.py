@@ -137,6 +137,9 @@ def test_damaged_dora_files_are_refused(pristine, tmp_path):
     save_file(tensors, str(tmp_path / "lying.safetensors"), metadata=plain_meta)
     with pytest.raises(LoraDBError, match="DoRA magnitude but the metadata says plain LoRA"):
         read_adapter(tmp_path / "lying.safetensors")
+    save_file(dict(tensors, **{key: tensors[key][:-1]}), str(tmp_path / "short.safetensors"), metadata=metadata)
+    with pytest.raises(LoraDBError, match="DoRA magnitude has shape"):
+        swap.load(tmp_path / "short.safetensors")
 
 
 # -- training -------------------------------------------------------------------------------------------------------
