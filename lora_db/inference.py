@@ -46,7 +46,7 @@ from .adapters import (
     pipeline_component,
     read_adapter,
 )
-from .config import MixedPrecision
+from .config import MAX_SEED, MixedPrecision, check_numbers
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -153,9 +153,9 @@ def load_pipeline(model: str, adapters: Iterable[str | Path] = (), *, torch_dtyp
 # -- lora-db sample -------------------------------------------------------------------------------------------------
 
 
-def _opt(default, help: str):
+def _opt(default, help: str, **limits):
     factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help})
+    return field(**factory, metadata={"help": help, **limits})
 
 
 @dataclass
@@ -169,12 +169,12 @@ class SampleConfig:
     )
     prompts: list[str] = _opt(list, "Prompt to sample (t2i); repeatable, one grid column set each.")
     prompts_file: Path | None = _opt(None, "Text file of prompts, one a line (blank lines skipped).")
-    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.")
-    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.")
-    num_inference_steps: int = _opt(25, "Denoising steps per sample.")
+    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.", minimum=1)
+    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.", minimum=0, maximum=MAX_SEED)
+    num_inference_steps: int = _opt(25, "Denoising steps per sample.", minimum=1)
     guidance_scale: float = _opt(8.0, "Classifier-free guidance scale.")
-    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).")
-    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).")
+    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).", minimum=8)
+    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).", minimum=8)
     mixed_precision: MixedPrecision = _opt("no", "Load the weights in fp16 (GPU) or bf16.")
     mode: Literal["t2i", "i2t"] = _opt("t2i", "t2i: images from prompts; i2t: captions of --image.")
     image: Path | None = _opt(None, "Image to caption in i2t mode.")
@@ -182,15 +182,11 @@ class SampleConfig:
     overwrite: bool = _opt(False, "Replace --out if it holds an earlier `lora-db sample` output.")
 
     def __post_init__(self) -> None:
-        if self.out is None:
+        if self.out is None or not str(self.out).strip():
             raise LoraDBError("--out is required: the folder to write the samples into")
         self.out = Path(self.out)
         self.choices = [WeightedAdapter.parse(text) for text in self.adapters] or [WeightedAdapter(None)]
-        for name in ("num_images", "num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise LoraDBError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not math.isfinite(self.guidance_scale):
-            raise LoraDBError(f"--guidance-scale must be a finite number (got {self.guidance_scale})")
+        check_numbers(self)
         if self.mode == "i2t" and (self.prompts or self.prompts_file):
             raise LoraDBError("--prompt and --prompts-file are for --mode t2i; i2t captions --image")
         if self.mode == "t2i" and not (self.prompts or self.prompts_file):

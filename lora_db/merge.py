@@ -38,6 +38,7 @@ from .adapters import (
     read_adapter,
     save_adapter,
 )
+from .config import check_numbers
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json
 
@@ -49,9 +50,9 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 Weighted = Sequence[tuple[AdapterFile, float]]
 
 
-def _opt(default, help: str):
+def _opt(default, help: str, **limits):
     factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help})
+    return field(**factory, metadata={"help": help, **limits})
 
 
 @dataclass
@@ -62,7 +63,9 @@ class MergeConfig:
     model: str | None = _opt(
         None, "Base model (hub id, folder, `tiny`); defaults to the one the adapters were trained on."
     )
-    rank: int | None = _opt(None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.")
+    rank: int | None = _opt(
+        None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.", minimum=1
+    )
     save_dtype: Literal["fp32", "fp16", "bf16"] = _opt("fp32", "dtype of the merged pipeline's weights.")
     overwrite: bool = _opt(False, "Replace an output lora-db wrote before.")
 
@@ -76,8 +79,10 @@ class MergeConfig:
             raise LoraDBError("give one of --out DIR (a merged pipeline) or --into-adapter FILE (one adapter)")
         if self.rank is not None and self.into_adapter is None:
             raise LoraDBError("--rank goes with --into-adapter (an SVD of the combined adapter)")
-        if self.rank is not None and self.rank < 1:
-            raise LoraDBError(f"--rank must be at least 1 (got {self.rank})")
+        check_numbers(self)
+        for name in ("out", "into_adapter"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise LoraDBError(f"--{name.replace('_', '-')} is empty; name a folder or file")
         if self.into_adapter is not None and Path(self.into_adapter).suffix != ".safetensors":
             raise LoraDBError(f"--into-adapter {self.into_adapter}: adapter files end in .safetensors")
         self.out = Path(self.out) if self.out is not None else None
