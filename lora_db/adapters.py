@@ -10,6 +10,7 @@ peft's definition times the user's weight), used by hot-swap, merge and combinat
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from torch import nn
 
 from .errors import LoraDBError
 from .io import atomic_write
+
+logger = logging.getLogger("lora_db")
 
 FORMAT = "lora-db/1"
 COMPONENTS = ("unet", "text_encoder")
@@ -98,6 +101,34 @@ def check_targets(model: nn.Module, targets: Iterable[str], option: str = "--tar
         )
         raise LoraDBError(
             f"{option}: no linear layer named {', '.join(unknown)} in this model; available: {', '.join(suffixes)}"
+        )
+
+
+def check_rank(model: nn.Module, spec: LoraSpec, component: str) -> None:
+    """A rank above a layer's width adds parameters but no capacity (B @ A is already full rank): refuse it when
+    that holds for every targeted layer, warn when for some."""
+    layers = [layer for name, layer in linear_layers(model).items() if matches_target(name, spec.target_modules)]
+    if not layers:
+        return
+    widths = [min(layer.in_features, layer.out_features) for layer in layers]
+    size = sum(spec.rank * (layer.in_features + layer.out_features) for layer in layers) * 4
+    if spec.rank > max(widths):
+        raise LoraDBError(
+            f"--rank {spec.rank} is above the width of every targeted {component} layer (at most {max(widths)}): "
+            f"a LoRA update cannot exceed full rank, it would only make a {size / 2**20:.1f} MiB adapter; "
+            f"use --rank {max(widths)} or less (or --method full)"
+        )
+    narrow = sum(width < spec.rank for width in widths)
+    if narrow:
+        logger.warning(
+            "--rank %d is above the width of %d of the %d targeted %s layers (narrowest %d): those layers gain "
+            "parameters but no capacity (adapter %.1f MiB)",
+            spec.rank,
+            narrow,
+            len(widths),
+            component,
+            min(widths),
+            size / 2**20,
         )
 
 
