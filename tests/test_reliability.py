@@ -153,3 +153,81 @@ def test_outputs_respect_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "file.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+
+
+# -- a real full disk ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KiB tmpfs: a real file system that fills up (root only; skipped elsewhere)."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder, leave_bytes):
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    (folder / "filler").write_bytes(b"\0" * max(0, free - leave_bytes))
+
+
+def test_a_real_full_disk_during_a_checkpoint_keeps_everything(small_disk, tiny_config, tmp_path, monkeypatch):
+    from lora_db.adapters import read_adapter
+    from lora_db.checkpoint import list_checkpoints, load_checkpoint
+    from lora_db.train import train
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the rescued weights go: a disk with room
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    out = small_disk / "out"
+    train(tiny_config(output_dir=out, max_train_steps=2, checkpointing_steps=2))
+    adapter = (out / "adapter.safetensors").read_bytes()
+    fill_disk(small_disk, 16 * 1024)
+    with pytest.raises(LoraDBError) as err:
+        train(tiny_config(output_dir=out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    message = str(err.value)
+    assert f"the disk is full (no space left) while writing {out / 'checkpoint-4'}" in message
+    assert f"the last checkpoint is {out / 'checkpoint-2'}" in message
+    assert "\n" not in message
+    rescued = message.split("were saved to ")[1].split(" instead")[0]
+    assert read_adapter(rescued).metadata["steps"] == "4"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    load_checkpoint(out / "checkpoint-2")
+    assert (out / "adapter.safetensors").read_bytes() == adapter
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(("leave_kib", "failing"), [(12, "metrics.jsonl"), (24, "adapter.safetensors")])
+def test_a_real_full_disk_after_training_rescues_the_weights(
+    small_disk, tiny_config, tmp_path, monkeypatch, leave_kib, failing
+):
+    from lora_db.adapters import read_adapter
+    from lora_db.train import train
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    fill_disk(small_disk, leave_kib * 1024)
+    out = small_disk / "out"
+    with pytest.raises(LoraDBError) as err:
+        train(tiny_config(output_dir=out, max_train_steps=2))
+    message = str(err.value)
+    assert message.startswith(f"the disk is full (no space left) while writing {out / failing}")
+    rescued = message.split("were saved to ")[1].split(" instead")[0]
+    steps = read_adapter(rescued).metadata["steps"]
+    assert f"(step {steps})" in message
+    assert not (out / "adapter.safetensors").exists()
+    assert not list(out.glob(".*.tmp"))
