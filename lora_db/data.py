@@ -293,14 +293,15 @@ def check_caption_lengths(
     sources.update({prompt: option for option, prompt in prompts.items() if prompt})
     problems = []
     for number, (prompt, source) in enumerate(sources.items()):
-        ids = tokenizer(prompt, truncation=False).input_ids
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
         if number == 0:
             logger.info("first caption: %d of %d tokens (%s)", len(ids), limit, source)
         if len(ids) > limit:
             lost = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+            lost = lost if len(lost) <= 40 else "..." + lost[-40:]
             problems.append(
                 f"{source}: the caption is {len(ids)} tokens and the text encoder reads {limit}, "
-                f"so {lost[-40:]!r} at its end is cut off; shorten it"
+                f"so {lost!r} at its end is cut off; shorten it"
             )
     if problems and strict:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

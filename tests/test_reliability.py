@@ -6,13 +6,17 @@ resume rules, a real full disk, permissions, symlinks and captions the text enco
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
 import stat
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from lora_db.config import TrainConfig, field_types, option_type
 from lora_db.errors import LoraDBError
@@ -231,3 +235,320 @@ def test_a_real_full_disk_after_training_rescues_the_weights(
     assert f"(step {steps})" in message
     assert not (out / "adapter.safetensors").exists()
     assert not list(out.glob(".*.tmp"))
+
+
+# -- one writer per output folder ---------------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from lora_db.locks import output_lock
+with output_lock(sys.argv[1], "--output-dir", inside=sys.argv[2] == "inside"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """Start a process that holds the lock of a folder; yields (start(folder, inside) -> process)."""
+    import subprocess
+
+    from processes import spawn
+
+    with contextlib.ExitStack() as stack:
+
+        def start(folder, inside=True):
+            process = stack.enter_context(
+                spawn([sys.executable, "-c", HOLD_LOCK, str(folder), "inside" if inside else "beside"],
+                      stdout=subprocess.PIPE, text=True)
+            )  # fmt: skip
+            assert process.stdout.readline().strip() == "locked"
+            return process
+
+        yield start
+
+
+def test_a_second_run_in_the_same_output_folder_is_refused_naming_the_first(tiny_config, lock_holder, tmp_path):
+    from lora_db.train import train
+
+    out = tmp_path / "out"
+    holder = lock_holder(out)
+    with pytest.raises(LoraDBError, match=rf"--output-dir {out} is in use by process {holder.pid} "):
+        train(tiny_config(output_dir=out, max_train_steps=1))
+    assert sorted(p.name for p in out.iterdir()) == [".lora-db.lock"], "the refused run wrote nothing"
+
+    holder.kill()  # a dead owner's lock (its file is still there) must not block the next run
+    holder.wait()
+    assert (out / ".lora-db.lock").exists()
+    train(tiny_config(output_dir=out, max_train_steps=1))
+    assert (out / "adapter.safetensors").exists()
+    assert not (out / ".lora-db.lock").exists(), "the lock is released when the run ends"
+
+
+def test_sample_and_merge_outputs_are_locked_too(lock_holder, tmp_path):
+    from lora_db.inference import SampleConfig, sample
+    from lora_db.merge import MergeConfig, write_combined
+
+    samples = tmp_path / "samples"
+    holder = lock_holder(samples, inside=False)
+    with pytest.raises(LoraDBError, match=rf"--out {samples} is in use by process {holder.pid}"):
+        sample(SampleConfig(out=samples, model="tiny", prompts=["x"], num_inference_steps=1))
+    combined = tmp_path / "both.safetensors"
+    holder = lock_holder(combined, inside=False)
+    with pytest.raises(LoraDBError, match=rf"--into-adapter {combined} is in use by process {holder.pid}"):
+        write_combined(MergeConfig(adapters=["a.safetensors"], into_adapter=combined))
+
+
+# -- stop signals -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_signals_before_training_stop_at_once_and_during_it_ask_for_a_checkpoint(signum):
+    from lora_db.stopping import TrainingInterrupted, stop_on_signals
+
+    with pytest.raises(TrainingInterrupted, match="before training started") as err, stop_on_signals():
+        os.kill(os.getpid(), signum)
+    assert err.value.exit_code == 128 + signum
+    with stop_on_signals() as stop:
+        stop.armed = True
+        os.kill(os.getpid(), signum)
+        assert stop.is_set() and stop.name == signal.Signals(signum).name
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signum)  # a second signal stops at once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_save_a_checkpoint_and_the_run_resumes(instance_dir, tmp_path, signum):
+    import subprocess
+    import time
+
+    from processes import run, spawn
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "lora_db.cli", *map(str, train_args(instance_dir, out))]
+    command[command.index("--max-train-steps") + 1] = "400"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=300)
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    assert errors[0].startswith(f"error: stopped by {name} at step ")
+    assert "--resume-from-checkpoint latest" in errors[0] and " s; continue" in errors[0]
+    assert f"{name}: stopping after this step to save a checkpoint (a step takes ~" in stderr
+    saved = list(out.glob("checkpoint-*"))
+    assert len(saved) == 1
+    step = int(saved[0].name.split("-")[1])
+    if signum != signal.SIGTERM:
+        return  # resuming works the same whichever signal stopped the run: once is enough
+    resumed = run([*command, "--resume-from-checkpoint", "latest", "--max-train-steps", str(step + 1)], env=env,
+                  timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(metrics.read_text().splitlines()) == step + 1
+
+
+# -- resume rules -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_step_run(instance_dir, tmp_path_factory):
+    """A 4-step run with checkpoints at 2 and 4, trained once for the module."""
+    from lora_db.train import train
+
+    config = TrainConfig(
+        model="tiny", instance_dir=instance_dir, instance_prompt="a photo of sks robot", learning_rate=5e-3,
+        output_dir=tmp_path_factory.mktemp("four") / "out", max_train_steps=4, checkpointing_steps=2,
+    )  # fmt: skip
+    train(config)
+    return config.output_dir
+
+
+@pytest.fixture
+def finished_run(four_step_run, tiny_config, tmp_path):
+    """A copy of the 4-step run; returns (config factory resuming it, its config.json bytes)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(four_step_run, out)
+
+    def again(**overrides):
+        values = {"max_train_steps": 4, "checkpointing_steps": 2, "resume_from_checkpoint": "latest", **overrides}
+        return tiny_config(output_dir=out, **values)
+
+    return again, (out / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"rank": 8}, "--rank 8 (the checkpoint has 4)"),
+        ({"target_modules": ["to_q"]}, "--target-modules to_q (the checkpoint has to_q,to_k,to_v,to_out.0)"),
+        ({"learning_rate": 1e-3}, "--learning-rate 0.001 (the checkpoint has 0.005)"),
+        ({"model": "random:small"}, "--model random:small (the checkpoint has tiny)"),
+    ],
+)
+def test_resume_refuses_other_options_before_writing_anything(finished_run, overrides, fragment):
+    from lora_db.train import train
+
+    again, config_json = finished_run
+    config = again(**overrides)
+    with pytest.raises(LoraDBError, match="a resumed run may change only the steps") as err:
+        train(config)
+    assert fragment in str(err.value)
+    assert (config.output_dir / "config.json").read_bytes() == config_json
+
+
+def test_resume_may_change_the_steps_and_config_json_says_what_runs(finished_run):
+    import json
+
+    from lora_db.train import train
+
+    again, _ = finished_run
+    config = again(max_train_steps=5, checkpointing_steps=5, validation_steps=3)
+    assert train(config).steps == 5
+    written = json.loads((config.output_dir / "config.json").read_text())
+    assert (written["max_train_steps"], written["checkpointing_steps"], written["validation_steps"]) == (5, 5, 3)
+
+
+def test_resume_refuses_changed_photos(tiny_config, instance_dir, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from lora_db.train import train
+
+    photos = tmp_path / "photos"
+    shutil.copytree(instance_dir, photos)
+    train(tiny_config(instance_dir=photos, max_train_steps=2, checkpointing_steps=2))
+    first = sorted(photos.glob("*.png"))[0]
+    Image.new("RGB", (96, 96), "red").save(first)
+    (photos / "extra.png").write_bytes((photos / sorted(p.name for p in photos.glob("*.png"))[1]).read_bytes())
+    with pytest.raises(LoraDBError, match=rf"the training images changed .*--instance-dir: {first.name} changed, "):
+        train(tiny_config(instance_dir=photos, max_train_steps=4, resume_from_checkpoint="latest"))
+
+
+def test_resume_latest_on_a_finished_run_without_checkpoints_is_refused(tiny_config):
+    from lora_db.train import train
+
+    config = tiny_config(max_train_steps=1)
+    train(config)
+    adapter = (config.output_dir / "adapter.safetensors").read_bytes()
+    with pytest.raises(LoraDBError, match=r"holds a finished run \(adapter.safetensors\) and no checkpoint"):
+        train(tiny_config(max_train_steps=1, resume_from_checkpoint="latest"))
+    assert (config.output_dir / "adapter.safetensors").read_bytes() == adapter
+
+
+def test_resuming_an_older_checkpoint_retires_the_later_ones_and_pruning_keeps_the_new(finished_run):
+    from lora_db.checkpoint import list_checkpoints, load_checkpoint
+    from lora_db.train import train
+
+    again, _ = finished_run
+    config = again(resume_from_checkpoint=None)
+    out = config.output_dir
+    abandoned_four = load_checkpoint(out / "checkpoint-4").trainable
+    train(again(resume_from_checkpoint=str(out / "checkpoint-2"), max_train_steps=3, checkpointing_steps=1,
+                checkpoints_total_limit=1))  # fmt: skip
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"], "the one just saved is kept"
+    assert sorted(p.name for p in (out / "abandoned").iterdir()) == ["checkpoint-4"]
+    kept = load_checkpoint(out / "abandoned" / "checkpoint-4").trainable
+    assert all(torch.equal(kept[k], abandoned_four[k]) for k in kept), "moved aside, not lost"
+
+
+def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
+    from lora_db.checkpoint import MARKER, list_checkpoints, prune_checkpoints
+
+    for step in (2, 5, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / MARKER).write_text("{}")
+    prune_checkpoints(tmp_path, 1, keep_also=tmp_path / "checkpoint-2")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9"]
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dangling", "looping"])
+def test_broken_symlinks_among_the_photos_are_reported(instance_dir, tmp_path, kind, caplog):
+    import shutil
+
+    from lora_db.data import scan_images
+
+    photos = tmp_path / "photos"
+    shutil.copytree(instance_dir, photos)
+    link = photos / "zz.jpg"
+    link.symlink_to(tmp_path / "gone.jpg" if kind == "dangling" else link)
+    with pytest.raises(LoraDBError, match=f"{link}: symbolic link to .*, which does not exist or loops back"):
+        scan_images(photos, "a photo")
+    records = scan_images(photos, "a photo", skip_bad_images=True)
+    assert len(records) == 4 and "zz.jpg" in caplog.text
+
+
+def test_files_that_are_not_read_are_named(instance_dir, tmp_path, caplog):
+    import shutil
+
+    from lora_db.data import find_images
+
+    photos = tmp_path / "photos"
+    shutil.copytree(instance_dir, photos)
+    (photos / "IMG_0001.HEIC").write_bytes(b"x")
+    assert len(find_images(photos)) == 4
+    assert "ignoring 1 file(s) that are not jpg/jpeg/png/webp/bmp: IMG_0001.HEIC" in caplog.text
+
+
+def test_an_extreme_side_is_refused_before_it_is_upscaled(tmp_path):
+    from PIL import Image
+
+    from lora_db.data import prepare_image, scan_images
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (400000, 1), "white").save(photos / "line.png")
+    with pytest.raises(LoraDBError, match=r"line.png is 400000 x 1 pixels: resized to 512 px on its short side it"):
+        scan_images(photos, "a photo", resolution=512)
+    with pytest.raises(LoraDBError, match="crop it closer to square"):
+        prepare_image(Image.new("RGB", (400000, 1)), 512)
+
+
+def test_captions_the_text_encoder_cuts_are_reported(tiny_config, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from lora_db.train import train
+
+    photos = tmp_path / "photos"
+    shutil.copytree(tiny_config().instance_dir, photos)
+    caption = photos / sorted(p.stem for p in photos.glob("*.png"))[0]
+    caption = caption.with_suffix(".txt")
+    caption.write_text("a very long description of the scene " * 3 + "with sks robot")
+    with pytest.raises(LoraDBError, match=rf"{caption}: the caption is \d+ tokens and the text encoder reads 77, so "):
+        train(tiny_config(instance_dir=photos, max_train_steps=1, strict=True))
+    caplog.set_level(logging.INFO, logger="lora_db")
+    train(tiny_config(instance_dir=photos, max_train_steps=1, output_dir=tmp_path / "warned"))
+    assert f"{caption}: the caption is" in caplog.text and "with sks robot' at its end is cut off" in caplog.text
+    assert "first caption: " in caplog.text and " of 77 tokens" in caplog.text
+
+
+def test_a_rank_above_every_layers_width_is_refused(tiny_config):
+    from lora_db.train import train
+
+    with pytest.raises(LoraDBError, match=r"--rank 64 is above the width of every targeted U-ViT layer \(at most 32\)"):
+        train(tiny_config(rank=64))
+
+
+def test_an_adapter_from_another_base_model_gets_one_warning(caplog):
+    from lora_db.adapters import AdapterFile
+    from lora_db.inference import resolve_model
+
+    adapter = AdapterFile(path=Path("robot.safetensors"), tensors={}, specs={}, metadata={"base_model": "tiny"})
+    assert resolve_model("random:small", [adapter]) == "random:small"
+    assert "robot.safetensors was trained on tiny, not random:small" in caplog.text
+    caplog.clear()
+    resolve_model("tiny", [adapter])
+    assert caplog.text == ""
