@@ -285,9 +285,14 @@ def test_a_second_run_in_the_same_output_folder_is_refused_naming_the_first(tiny
     assert not (out / ".lora-db.lock").exists(), "the lock is released when the run ends"
 
 
-def test_sample_and_merge_outputs_are_locked_too(lock_holder, tmp_path):
+def test_sample_and_merge_outputs_are_locked_too(lock_holder, tmp_path, four_step_run):
     from lora_db.inference import SampleConfig, sample
-    from lora_db.merge import MergeConfig, write_combined
+    from lora_db.merge import MergeConfig, merge, write_combined
+
+    merged = tmp_path / "merged"
+    holder = lock_holder(merged, inside=False)
+    with pytest.raises(LoraDBError, match=rf"--out {merged} is in use by process {holder.pid}"):
+        merge(MergeConfig(adapters=[str(four_step_run / "adapter.safetensors")], out=merged))
 
     samples = tmp_path / "samples"
     holder = lock_holder(samples, inside=False)
@@ -315,6 +320,18 @@ def test_stop_signals_before_training_stop_at_once_and_during_it_ask_for_a_check
         assert stop.is_set() and stop.name == signal.Signals(signum).name
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signum)  # a second signal stops at once
+
+
+def test_a_slow_checkpoint_is_reported_with_the_time_a_stop_signal_needs(caplog):
+    from lora_db.stopping import StopRequest
+
+    stop = StopRequest()
+    stop.note_checkpoint(2.0, "out/checkpoint-1")
+    assert caplog.text == ""
+    stop.note_checkpoint(34.0, "out/checkpoint-2")
+    assert "saving out/checkpoint-2 took 34 s: a stop signal" in caplog.text and "docker stop -t 78" in caplog.text
+    stop.step_s = 3.0
+    assert stop.expected() == " (a step takes ~3.0 s, a checkpoint ~34.0 s)"
 
 
 @pytest.mark.slow
@@ -540,6 +557,16 @@ def test_a_rank_above_every_layers_width_is_refused(tiny_config):
 
     with pytest.raises(LoraDBError, match=r"--rank 64 is above the width of every targeted U-ViT layer \(at most 32\)"):
         train(tiny_config(rank=64))
+
+
+def test_a_rank_above_some_layers_width_is_a_warning(caplog):
+    from torch import nn
+
+    from lora_db.adapters import LoraSpec, check_rank
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 16), nn.Linear(16, 16))
+    check_rank(model, LoraSpec(8, 8.0, ("0", "1", "2")), "U-ViT")
+    assert "--rank 8 is above the width of 2 of the 3 targeted U-ViT layers (narrowest 4)" in caplog.text
 
 
 def test_an_adapter_from_another_base_model_gets_one_warning(caplog):
