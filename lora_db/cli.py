@@ -74,8 +74,8 @@ def train_command(config_file: ConfigFile = None, **values: Any) -> None:
 @app.command("demo-images")
 def demo_images_command(
     folder: Annotated[Path, typer.Argument(help="Folder to write the photos into.")],
-    count: Annotated[int, typer.Option(help="How many photos.")] = 5,
-    size: Annotated[int, typer.Option(help="Side of each photo in pixels.")] = 256,
+    count: Annotated[int, typer.Option(help="How many photos.", min=1, max=10_000)] = 5,
+    size: Annotated[int, typer.Option(help="Side of each photo in pixels.", min=16, max=4096)] = 256,
     seed: Annotated[int, typer.Option(help="Same seed, same photos.")] = 0,
 ) -> None:
     """Write synthetic photos of one subject (a toy robot), for demos and tests without downloads."""

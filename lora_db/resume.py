@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_PATTERN, list_checkpoints
+from .checkpoint import CHECKPOINT_PATTERN, MARKER, list_checkpoints
 from .config import TrainConfig
 from .data import find_images
 from .errors import LoraDBError
@@ -92,6 +92,15 @@ def read_run_record(checkpoint: Path) -> dict[str, Any] | None:
         raise LoraDBError(f"checkpoint {checkpoint}: {RUN_RECORD} is unreadable ({err})") from None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LoraDBError(
+            f"checkpoint {checkpoint} is damaged ({err}); resume from an earlier checkpoint-N folder"
+        ) from None
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value))
@@ -124,6 +133,12 @@ def data_changes(saved: dict[str, dict[str, str]], current: dict[str, dict[str, 
 
 def check_resume(config: TrainConfig, checkpoint: Path) -> dict[str, dict[str, str]]:
     """Refuse to resume `checkpoint` with other options or data; returns the data digest of this run."""
+    step = checkpoint_step(checkpoint)
+    if step > config.max_train_steps:
+        raise LoraDBError(
+            f"--resume-from-checkpoint {checkpoint}: it is at step {step}, past --max-train-steps "
+            f"{config.max_train_steps}; pass --max-train-steps {step} or more"
+        )
     data = data_digest(config)
     record = read_run_record(checkpoint)
     if record is None:

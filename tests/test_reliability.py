@@ -422,6 +422,18 @@ def test_resume_refuses_other_options_before_writing_anything(finished_run, over
     assert (config.output_dir / "config.json").read_bytes() == config_json
 
 
+def test_resume_refuses_max_steps_below_the_checkpoint(finished_run):
+    from lora_db.train import train
+
+    again, config_json = finished_run
+    config = again(max_train_steps=2)
+    with pytest.raises(
+        LoraDBError, match="it is at step 4, past --max-train-steps 2; pass --max-train-steps 4 or more"
+    ):
+        train(config)
+    assert (config.output_dir / "config.json").read_bytes() == config_json
+
+
 def test_resume_may_change_the_steps_and_config_json_says_what_runs(finished_run):
     import json
 
