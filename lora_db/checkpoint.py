@@ -2,8 +2,8 @@
 
 `OUTPUT_DIR/checkpoint-STEP/` holds the trainable weights (`trainable.safetensors`), the optimizer state
 (tensors in `optimizer.safetensors`, the rest in `state.json`), the learning-rate scheduler, each process's
-RNG states (`rng.safetensors`) and the step. A folder is written under a temporary name and renamed when
-complete, so a crash mid-save leaves the previous checkpoints as they were.
+RNG states (`rng.safetensors`), fp16's loss-scaler state (in `state.json`) and the step. A folder is written
+under a temporary name and renamed when complete, so a crash mid-save leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class TrainingState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    scaler: dict[str, Any] | None = None  # fp16's GradScaler: scale and growth tracker (plain numbers)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -113,7 +114,7 @@ def save_checkpoint(
         )
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, str(tmp / "rng.safetensors"))
-        meta = {"step": state.step, "optimizer": optimizer_rest, "scheduler": state.scheduler}
+        meta = {"step": state.step, "optimizer": optimizer_rest, "scheduler": state.scheduler, "scaler": state.scaler}
         for name, content in (records or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=1))
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
@@ -142,6 +143,7 @@ def load_checkpoint(path: Path) -> TrainingState:
             optimizer=_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]),
             scheduler=meta["scheduler"],
             rng=load_file(str(path / "rng.safetensors")),
+            scaler=meta.get("scaler"),
         )
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise LoraDBError(f"checkpoint {path} is damaged ({err}); resume from an earlier checkpoint-N folder") from None

@@ -189,9 +189,12 @@ def scan_images(
     skip_bad_images: bool = False,
     allow_empty: bool = False,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    paths: list[Path] | None = None,
 ) -> list[ImageRecord]:
-    """Decode every image in `folder` up front; each prompt is the caption beside it or `default_prompt`."""
-    paths = find_images(folder, option, allow_empty=allow_empty)
+    """Decode every image in `folder` (or only `paths` of it) up front; each prompt is the caption beside it or
+    `default_prompt`."""
+    if paths is None:
+        paths = find_images(folder, option, allow_empty=allow_empty)
     records = []
     for path in paths:
         image = _load_checked(path, max_pixels, skip_bad_images)

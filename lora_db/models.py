@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,46 @@ def _unreachable(model: str, err: Exception) -> LoraDBError:
     )
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_load_options(model: str) -> dict[str, Any]:
+    """How to load a hub model: from the network, or from the local cache when the hub is out of reach.
+
+    One short connection attempt decides, so an offline machine gets one line at once instead of a minute of
+    retries ending in a misleading "config.json not found".
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    fix = f"download it where the network works (`hf download {model} --local-dir DIR`) and pass --model DIR"
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return {"local_files_only": True}
+        raise LoraDBError(f"--model {model}: HF_HUB_OFFLINE is set and it is not in the local cache; {fix}")
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        if cached:
+            logger.warning("the hub (%s) is out of reach: loading %s from the local cache", constants.ENDPOINT, model)
+            return {"local_files_only": True}
+        reason = err.strerror or type(err).__name__
+        raise LoraDBError(
+            f"--model {model}: the network is out of reach ({constants.ENDPOINT}: {reason}) and no copy is cached "
+            f"here; {fix}"
+        ) from None
+    return {}
+
+
+def _is_hub_id(model: str) -> bool:
+    return random_preset(model) is None and not Path(model).expanduser().exists()
+
+
 def _check_local_folder(model: str) -> None:
     path = Path(model)
     looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists() or model.count("/") != 1
@@ -59,8 +100,9 @@ def load_unet_config(model: str) -> dict[str, Any]:
     _check_local_folder(model)
     from diffusers import UniDiffuserModel
 
+    options = hub_load_options(model) if _is_hub_id(model) else {}
     try:
-        return dict(UniDiffuserModel.load_config(model, subfolder="unet"))
+        return dict(UniDiffuserModel.load_config(model, subfolder="unet", **options))
     except (OSError, ValueError) as err:
         raise _unreachable(model, err) from None
 
@@ -91,9 +133,12 @@ def load_pipeline(model: str, torch_dtype=None):
     _check_local_folder(model)
     from diffusers import UniDiffuserPipeline
 
+    options = hub_load_options(model) if _is_hub_id(model) else {}
     try:
         # Only safetensors weights are read: a folder with pickle weights alone is refused by diffusers.
-        return UniDiffuserPipeline.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers passes huggingface_hub a deprecated argument
+            return UniDiffuserPipeline.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True, **options)
     except (OSError, ValueError) as err:
         raise _unreachable(model, err) from None
 

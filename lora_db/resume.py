@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKPOINT_PATTERN, MARKER, list_checkpoints
+from .class_images import plan_class_images
 from .config import TrainConfig
 from .data import find_images
 from .errors import LoraDBError
@@ -72,7 +73,8 @@ def data_digest(config: TrainConfig) -> dict[str, dict[str, str]]:
     """File name -> digest of the image and its caption, for the instance photos and the class images in use."""
     parts = {"instance": find_images(config.instance_dir, "--instance-dir")}
     if config.with_prior_preservation:
-        parts["class"] = find_images(config.class_dir, "--class-dir", allow_empty=True)[: config.num_class_images]
+        plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+        parts["class"] = plan.paths()
     try:
         return {part: {p.name: _file_digest(p) for p in paths if p.is_file()} for part, paths in parts.items()}
     except OSError as err:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,8 +31,10 @@ from torch import nn
 from . import __version__
 from .adapters import LoraSpec, check_rank, inject_lora, lora_state_dict, save_adapter
 from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .class_images import describe as describe_class_images
+from .class_images import generate_class_images, plan_class_images
 from .config import TEXT_ENCODER_TARGETS, TrainConfig
-from .data import ImageRecord, batch_indices, check_caption_lengths, find_images, scan_images
+from .data import ImageRecord, batch_indices, check_caption_lengths, scan_images
 from .errors import LoraDBError
 from .io import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text
 from .locks import output_lock
@@ -154,41 +156,36 @@ def setup_accelerator(config: TrainConfig):
 
 
 def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageRecord]:
-    """Generate the class images the folder lacks (main process), then scan the folder."""
-    existing = find_images(config.class_dir, option="--class-dir", allow_empty=True)
-    missing = config.num_class_images - len(existing)
-    if missing > 0 and accelerator.is_main_process:
-        from tqdm.auto import tqdm
+    """The class examples: the folder's images made for this prompt and model (or the user's own photos), and
+    generated ones for what is missing (main process)."""
+    plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+    if accelerator.is_main_process:
+        for line in describe_class_images(plan):
+            logger.info("%s", line)
+        if plan.missing:
+            from tqdm.auto import tqdm
 
-        logger.info("generating %d class images for %r into %s", missing, config.class_prompt, config.class_dir)
-        tag = hashlib.sha1(config.class_prompt.encode()).hexdigest()[:8]
-        with tqdm(total=missing, desc="class images", unit="img") as bar:
-            images = generate_images(
-                pipe,
-                config.class_prompt,
-                missing,
-                seed=config.seed + len(existing),
-                num_inference_steps=config.class_generation_steps,
-                batch_size=config.class_generation_batch_size,
-                autocast=accelerator.autocast,
-                on_batch=bar.update,
-            )
-        for i, image in enumerate(images):
-            number = len(existing) + i
-            save_png(
-                image,
-                config.class_dir / f"class-{tag}-{number:05d}.png",
-                {"prompt": config.class_prompt, "seed": config.seed + number, "generator": "lora-db"},
-            )
+            with tqdm(total=plan.missing, desc="class images", unit="img") as bar:
+                generate_class_images(
+                    pipe,
+                    plan,
+                    seed=config.seed,
+                    num_inference_steps=config.class_generation_steps,
+                    batch_size=config.class_generation_batch_size,
+                    autocast=accelerator.autocast,
+                    on_batch=bar.update,
+                )
     accelerator.wait_for_everyone()
-    records = scan_images(
+    if not accelerator.is_main_process:  # the main process generated them: read the folder as it is now
+        plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+    return scan_images(
         config.class_dir,
         config.class_prompt,
         option="--class-dir",
         resolution=config.resolution,
         skip_bad_images=config.skip_bad_images,
+        paths=plan.paths(),
     )
-    return records[: config.num_class_images]
 
 
 def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> Models:
@@ -293,7 +290,24 @@ def restore(path: Path, models: Models, optimizer, scheduler, generator: torch.G
     optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
     restore_rng_state(state.rng, generator, accelerator.process_index)
+    restore_scaler(state.scaler, accelerator, path)
     return state.step
+
+
+def scaler_state(accelerator) -> dict | None:
+    """fp16's loss scale and growth tracker (accelerate keeps the GradScaler outside the optimizer state)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+
+
+def restore_scaler(state: dict | None, accelerator, path: Path) -> None:
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    if state is None:
+        logger.warning("checkpoint %s has no fp16 loss-scale state: the loss scale starts afresh", path)
+        return
+    scaler.load_state_dict(state)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -509,6 +523,18 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     return accelerator.reduce(step_loss, reduction="mean")
 
 
+def replica_divergence(run: Run) -> float:
+    """Largest difference of any trained weight between processes: 0 when every gradient was all-reduced.
+
+    Gathered one tensor at a time, so it costs (number of processes) x the largest tensor, never the whole model.
+    """
+    worst = 0.0
+    for tensor in trainable_state(run.models).values():
+        gathered = run.accelerator.gather(tensor.detach().float()[None])
+        worst = max(worst, (gathered - gathered[0]).abs().max().item())
+    return worst
+
+
 def memory_advice(config: TrainConfig) -> str:
     """The memory options this configuration does not use yet, most effective first."""
     unused = [
@@ -569,7 +595,12 @@ def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
     if not run.accelerator.is_main_process:
         return None
     state = TrainingState(
-        step, trainable_state(run.models), run.optimizer.state_dict(), run.lr_scheduler.state_dict(), rng
+        step,
+        trainable_state(run.models),
+        run.optimizer.state_dict(),
+        run.lr_scheduler.state_dict(),
+        rng,
+        scaler_state(run.accelerator),
     )
     records = {RUN_RECORD: record} if record is not None else None
     return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit, records)
@@ -589,6 +620,10 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator = setup_accelerator(config)
         try:
             return _train(config, accelerator, stop, start_from)
+        except BaseException as err:
+            # The failed frames' locals hold the DDP wrappers: let them go now, before the process group (see below).
+            traceback.clear_frames(err.__traceback__)
+            raise
         finally:
             release_distributed_state(accelerator)
 
@@ -622,16 +657,19 @@ def stop_requested(stop: StopRequest, accelerator) -> bool:
 
 
 def release_distributed_state(accelerator) -> None:
-    """Leave no process group and no accelerate state behind, on every way out of a run.
+    """Tear down DDP and the process group in the one order that cannot deadlock, on every way out of a run.
 
-    A gloo process group still alive at interpreter exit can deadlock there (its destructor joins a worker thread
-    that waits for the GIL), so it is destroyed now, while the interpreter is whole. Clearing accelerate's
-    process-wide state lets a notebook or a test call train() again with other settings.
+    gloo's process group joins its worker threads when it is destroyed, and a worker may need the GIL at that
+    moment (to free the tensors of a finished collective). torch releases the GIL when the process group's own
+    Python object dies, but not when a DDP Reducer drops the last reference: that deadlocked two-process runs at
+    exit, intermittently. So the DDP wrappers go first, while the process group is still registered, and
+    `destroy_process_group` then drops its last reference. Clearing accelerate's process-wide state lets a
+    notebook or a test call train() again with other settings.
     """
     from accelerate.state import AcceleratorState
 
-    accelerator.free_memory()  # accelerate's references to the DDP wrappers, which hold the process group
-    gc.collect()
+    accelerator.free_memory()  # accelerate's own references to the DDP wrappers
+    gc.collect()  # DDP modules sit in reference cycles
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -737,6 +775,14 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
     progress.close()
 
     adapter_path = None
+    divergence = replica_divergence(run) if accelerator.num_processes > 1 else 0.0
+    if divergence > 0:
+        logger.warning(
+            "the %d processes ended with different weights (max difference %.3g): the saved adapter is the main "
+            "process's",
+            accelerator.num_processes,
+            divergence,
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter_path = run.output_path = save_outputs(config, run.models, step)
@@ -750,8 +796,10 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
                 "setup_memory_bytes": run.setup_memory_bytes,
                 "device": str(device),
                 "num_processes": accelerator.num_processes,
+                "replica_max_abs_difference": divergence,
                 "output": str(adapter_path),
             },
         )
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()  # accelerator.end_training() would also destroy the process group while DDP holds it
     return TrainResult(config.output_dir, adapter_path, step, losses, validation_dir)

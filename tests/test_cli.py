@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +130,18 @@ def test_hub_model_out_of_reach_explains_how_to_use_a_local_copy(instance_dir, t
     assert "thu-ml/unidiffuser-v1" in line and "--model DIR" in line
 
 
+def test_hub_out_of_network_reach_is_one_line_at_once(instance_dir, tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf-home")}
+    args = train_args(instance_dir, tmp_path / "out", "--model", "thu-ml/unidiffuser-v1")
+    result = run([*CLI, *map(str, args)], env=env, timeout=300)
+    assert result.returncode == 1
+    # No retry lines, no library warnings: the one line names the network as the cause and the way out.
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --model thu-ml/unidiffuser-v1: the network is out of reach"), line
+    assert "--model DIR" in line
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(instance_dir, tmp_path):
     steps = ["--max-train-steps", "120", "--lora-dropout", "0.1"]
     reference = tmp_path / "reference"
@@ -177,11 +190,39 @@ def test_two_process_data_parallel_run(instance_dir, tmp_path):
         "-m",
         "lora_db.cli",
         *map(str, train_args(instance_dir, out, "--max-train-steps", "10", "--checkpointing-steps", "5")),
+        "--train-text-encoder",
     ]
     result = run(command, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2
+    # Every trained tensor (U-ViT and text-encoder LoRA), gathered from both ranks at the end: bit-identical.
+    assert summary["replica_max_abs_difference"] == 0.0
+    assert "different weights" not in result.stderr
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
     assert result.stdout.count("adapter:") == 1  # only the main process writes and reports
+
+
+def test_train_help_shows_every_default():
+    import dataclasses
+
+    from lora_db.config import TrainConfig
+
+    result = run([*CLI, "train", "--help"], env={**os.environ, "COLUMNS": "400"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    shown = 0
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            expected = flag if default else "--no-" + flag[2:]
+        else:
+            expected = ",".join(default) if isinstance(default, list) else str(default)
+        (line,) = [line for line in lines if re.match(rf"^[^-\w]*{flag}\s", line)]
+        assert f"[default: {expected}]" in line, line
+        shown += 1
+    assert shown > 30

@@ -275,3 +275,29 @@ def test_merge_errors(extra, fragments, files, tmp_path, monkeypatch, capsys):
     result = run_cli(monkeypatch, capsys, "merge", *(part.format(**fill) for part in extra))
     assert_one_line_error(result, *(fragment.format(**fill) for fragment in fragments))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "x.pt"]
+
+
+def test_hot_swap_and_merge_reproduce_the_trained_models_own_forward(pristine, tiny_config, tmp_path):
+    """Tie both paths to training itself: peft's scaling in the trained model, not lora-db's own scale formula."""
+    from lora_db.train import check_before_loading, optimizer_step, save_outputs, setup_accelerator, setup_run
+
+    options = {"rank": 4, "alpha": 8.0, "learning_rate": 5e-2, "train_text_encoder": True}
+    config = check_before_loading(tiny_config(**options), torch.device("cpu"))
+    run = setup_run(config, setup_accelerator(config))
+    for step in range(3):
+        optimizer_step(run, step)
+    path = save_outputs(config, run.models, 3)
+    for module in run.models.trained.values():
+        module.eval()
+    trained = t2i(run.models.pipe)
+
+    swap = AdapterSet(copy.deepcopy(pristine))
+    name = swap.load(path)
+    swap.activate({name: 1.0})
+    np.testing.assert_allclose(t2i(swap.pipe), trained, atol=MERGE_ATOL)
+    swap.activate({})
+    assert np.abs(t2i(swap.pipe) - trained).max() > 100 * MERGE_ATOL, "the adapter must matter at this tolerance"
+
+    merged = copy.deepcopy(pristine)
+    fold_adapters(merged, [(read_adapter(path), 1.0)])
+    np.testing.assert_allclose(t2i(merged), trained, atol=MERGE_ATOL)

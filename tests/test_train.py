@@ -14,7 +14,17 @@ from lora_db.adapters import read_adapter
 from lora_db.checkpoint import list_checkpoints
 from lora_db.data import batch_indices
 from lora_db.errors import LoraDBError
-from lora_db.train import check_before_loading, optimizer_step, setup_accelerator, setup_run, train
+from lora_db.memory import uvit_blocks
+from lora_db.train import check_before_loading, micro_batch_loss, optimizer_step, setup_accelerator, setup_run, train
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests that set a run up without train() leave accelerate's process-wide state behind: clear it."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def metrics(output_dir):
@@ -117,10 +127,72 @@ def test_memory_options_alone_and_together(tiny_config, tmp_path, name):
     assert result.adapter_path.is_file()
 
 
-def test_gradient_checkpointing_does_not_change_the_math(tiny_config, tmp_path):
-    plain = train(tiny_config(output_dir=tmp_path / "a", max_train_steps=4)).losses
-    checkpointed = train(tiny_config(output_dir=tmp_path / "b", max_train_steps=4, gradient_checkpointing=True)).losses
-    assert checkpointed == pytest.approx(plain, abs=1e-5)
+def one_backward(config):
+    """Bytes saved for backward, block forwards run during backward, and the gradients of one micro-batch."""
+    run = setup(config)
+    calls = []
+    for block in uvit_blocks(run.models.unet):  # attn1 runs inside each block's forward and its recomputation
+        block.attn1.register_forward_hook(lambda *_: calls.append(1))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = micro_batch_loss(run, 0)
+    forward_calls = len(calls)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in run.models.unet.named_parameters() if p.requires_grad}
+    return sum(saved), len(calls) - forward_calls, grads
+
+
+def test_gradient_checkpointing_recomputes_blocks_saves_less_and_keeps_the_gradients(tiny_config):
+    options = {"lora_dropout": 0.3, "max_train_steps": 1}  # dropout: the recomputation must replay the same masks
+    plain_bytes, plain_recomputed, plain_grads = one_backward(tiny_config(**options))
+    ckpt_bytes, ckpt_recomputed, ckpt_grads = one_backward(tiny_config(gradient_checkpointing=True, **options))
+    blocks = 5
+    assert plain_recomputed == 0 and ckpt_recomputed == blocks
+    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def setup(config):
+    config = check_before_loading(config, torch.device("cpu"))
+    return setup_run(config, setup_accelerator(config))
+
+
+def test_bf16_stores_frozen_weights_in_bf16_and_lora_in_fp32(tiny_config):
+    run = setup(tiny_config(mixed_precision="bf16", train_text_encoder=True))
+    pipe = run.models.pipe
+    for component in ("unet", "text_encoder", "vae", "image_encoder", "text_decoder"):
+        dtypes = {p.dtype for n, p in getattr(pipe, component).named_parameters() if "lora_" not in n}
+        assert dtypes == {torch.bfloat16}, component
+    assert {p.dtype for p in run.trainable_parameters} == {torch.float32}
+
+
+def test_adamw8bit_keeps_8bit_moments(tiny_config):
+    # bitsandbytes keeps tensors under 4096 elements in 32-bit state: rank 128 x width 32 is the first that counts.
+    run = setup(tiny_config(optimizer="adamw8bit", rank=128))
+    optimizer_step(run, 0)
+    states = [run.optimizer.state[p] for p in run.trainable_parameters]
+    large = [s for p, s in zip(run.trainable_parameters, states, strict=True) if p.numel() >= 4096]
+    assert large and all(s["state1"].dtype == s["state2"].dtype == torch.uint8 for s in large)
+    assert all(s["state1"].numel() == p.numel() for p, s in zip(run.trainable_parameters, states, strict=True))
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_cached_latents_release_the_vae_and_image_encoder(tiny_config, validation):
+    prompt = "a photo of sks robot" if validation else None
+    run = setup(tiny_config(cache_latents=True, validation_prompt=prompt))
+    # Dropped when nothing samples later; kept off the device (here: the CPU itself) when validation needs them.
+    expected = "cpu" if validation else "meta"
+    for component in ("vae", "image_encoder", "text_encoder"):
+        assert {p.device.type for p in getattr(run.models.pipe, component).parameters()} == {expected}, component
+    assert all(source.cache is not None for source in run.sources)
+    optimizer_step(run, 0)  # the loop needs none of them
 
 
 def test_class_images_are_generated_once_and_reused(tiny_config, tmp_path):
@@ -211,3 +283,26 @@ def test_batch_indices_cover_every_item_once_per_epoch_and_split_across_processe
     rank1 = batch_indices(6, 2, 0, seed=1, rank=1, world_size=2)
     assert not {i for _, i in rank0} & {i for _, i in rank1}
     assert batch_indices(6, 2, 7, seed=1) == batch_indices(6, 2, 7, seed=1)
+
+
+def test_fp16_loss_scale_and_growth_tracker_survive_a_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from lora_db.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+    from lora_db.train import restore_scaler, scaler_state
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5)
+    for gradient in (float("inf"), 1.0, 1.0):  # one overflow halves the scale, two good steps count towards growth
+        optimizer.zero_grad()
+        scaler.scale((weight * gradient).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    state = scaler_state(SimpleNamespace(scaler=scaler))
+    assert state["scale"] == 2.0**9 and state["_growth_tracker"] == 2
+
+    path = save_checkpoint(tmp_path, TrainingState(3, {"w": weight.detach()}, optimizer.state_dict(), {}, {}, state))
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=5)
+    restore_scaler(load_checkpoint(path).scaler, SimpleNamespace(scaler=resumed), path)
+    assert resumed.state_dict() == scaler.state_dict()
