@@ -105,31 +105,26 @@ def check_targets(model: nn.Module, targets: Iterable[str], option: str = "--tar
 
 
 def check_rank(model: nn.Module, spec: LoraSpec, component: str) -> None:
-    """A rank above a layer's width adds parameters but no capacity (B @ A is already full rank): refuse it when
-    that holds for every targeted layer, warn when for some."""
+    """Warn when the rank is above targeted layers' width: B @ A is then already full rank, so the extra rank adds
+    parameters (and adapter size) but no capacity."""
     layers = [layer for name, layer in linear_layers(model).items() if matches_target(name, spec.target_modules)]
-    if not layers:
-        return
     widths = [min(layer.in_features, layer.out_features) for layer in layers]
-    size = sum(spec.rank * (layer.in_features + layer.out_features) for layer in layers) * 4
-    if spec.rank > max(widths):
-        raise LoraDBError(
-            f"--rank {spec.rank} is above the width of every targeted {component} layer (at most {max(widths)}): "
-            f"a LoRA update cannot exceed full rank, it would only make a {size / 2**20:.1f} MiB adapter; "
-            f"use --rank {max(widths)} or less (or --method full)"
-        )
     narrow = sum(width < spec.rank for width in widths)
-    if narrow:
-        logger.warning(
-            "--rank %d is above the width of %d of the %d targeted %s layers (narrowest %d): those layers gain "
-            "parameters but no capacity (adapter %.1f MiB)",
-            spec.rank,
-            narrow,
-            len(widths),
-            component,
-            min(widths),
-            size / 2**20,
-        )
+    if not narrow:
+        return
+    size = sum(spec.rank * (layer.in_features + layer.out_features) for layer in layers) * 4
+    which = "all" if narrow == len(widths) else f"{narrow} of the {len(widths)}"
+    logger.warning(
+        "--rank %d is above the width of %s targeted %s layers (narrowest %d, widest %d): they gain "
+        "parameters but no capacity, for a %.1f MiB adapter; --rank %d or less learns the same",
+        spec.rank,
+        which,
+        component,
+        min(widths),
+        max(widths),
+        size / 2**20,
+        max(widths),
+    )
 
 
 def inject_lora(model: nn.Module, spec: LoraSpec, adapter_name: str = "default") -> nn.Module:

@@ -110,14 +110,17 @@ def check_output_dir(config: TrainConfig) -> None:
     output_dir = config.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise LoraDBError(f"--output-dir {output_dir} is a file; choose a folder")
-    holds_run = output_dir.is_dir() and (
-        any((output_dir / name).exists() for name in RUN_FILES) or list_checkpoints(output_dir)
-    )
+    checkpoints = list_checkpoints(output_dir)
+    holds_run = output_dir.is_dir() and (any((output_dir / name).exists() for name in RUN_FILES) or checkpoints)
     if holds_run and not (config.resume_from_checkpoint or config.overwrite):
-        raise LoraDBError(
-            f"--output-dir {output_dir} already holds a run; continue it with --resume-from-checkpoint latest, "
-            "start afresh with --overwrite, or choose another folder"
+        finished = not checkpoints and any((output_dir / name).exists() for name in FINAL_OUTPUTS)
+        advice = (
+            "it has no checkpoint to continue from: start afresh with --overwrite, or choose another folder"
+            if finished
+            else "continue it with --resume-from-checkpoint latest, start afresh with --overwrite, or choose another "
+            "folder"
         )
+        raise LoraDBError(f"--output-dir {output_dir} already holds a run; {advice}")
 
 
 def _clear_previous_run(output_dir: Path) -> None:
