@@ -202,7 +202,7 @@ class TrainConfig:
         def fail(message: str) -> None:
             raise LoraDBError(message)
 
-        for name in ("model", "instance_prompt", "class_prompt", "validation_prompt"):
+        for name in ("model", "instance_prompt", "class_prompt", "validation_prompt", "resume_from_checkpoint"):
             value = getattr(self, name)
             if isinstance(value, str) and not value.strip():
                 fail(f"--{_flag(name)} is empty; give it a value or leave the option out")

@@ -6,7 +6,7 @@
 The lock is `fcntl.flock` on a lock file: the kernel releases it when the process ends in any way (SIGKILL and
 crashes included), so a dead owner's lock never blocks anyone; the file holds the owner's process id for the
 message. A folder that is replaced whole (`sample --out`, `merge --out`) is locked through a file beside it,
-a training folder through `.lora-db.lock` inside it.
+a training folder through `.lora-db.lock` inside it. Runs that share a --class-dir take turns generating into it.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import LoraDBError
+
+logger = logging.getLogger("lora_db")
 
 LOCK_FILE = ".lora-db.lock"
 
@@ -42,20 +45,25 @@ def _owner(path: Path) -> str:
     return f"process {text[0]}" if text else "another process"
 
 
-def _open_locked(path: Path, option: str, output: Path) -> int:
+def _open_locked(path: Path, option: str, output: Path, wait: bool) -> int:
     """Open and lock `path`, retrying if the previous owner removed the file between our open and our lock."""
     while True:
+        path.parent.mkdir(parents=True, exist_ok=True)  # again: an owner that created the folder removes it if empty
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
                 raise
-            raise OutputInUse(
-                f"{option} {output} is in use by {_owner(path)} (lock {path}); wait for it to finish, stop it, "
-                "or choose another folder"
-            ) from None
+            if not wait:
+                os.close(fd)
+                raise OutputInUse(
+                    f"{option} {output} is in use by {_owner(path)} (lock {path}); wait for it to finish, stop it, "
+                    "or choose another folder"
+                ) from None
+            logger.warning("%s %s is in use by %s: waiting for it to finish", option, output, _owner(path))
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -66,16 +74,18 @@ def _open_locked(path: Path, option: str, output: Path) -> int:
 
 
 @contextlib.contextmanager
-def output_lock(output: str | os.PathLike, option: str, *, inside: bool = True) -> Iterator[Path]:
-    """Hold an exclusive lock on `output` for the block; `inside=False` locks a folder that is replaced whole."""
+def output_lock(output: str | os.PathLike, option: str, *, inside: bool = True, wait: bool = False) -> Iterator[Path]:
+    """Hold an exclusive lock on `output` for the block; `inside=False` locks a folder that is replaced whole.
+
+    Without `wait` a lock held by another process is an error naming it; with `wait` this process waits its turn.
+    """
     output = Path(output)
     if inside and output.exists() and not output.is_dir():
         raise LoraDBError(f"{option} {output} is a file; choose a folder")
     created = inside and not output.exists()
     path = lock_path(output, inside)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_locked(path, option, output)
+        fd = _open_locked(path, option, output, wait)
     except OSError as err:
         from .io import explain_os_error
 

@@ -168,16 +168,19 @@ def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageReco
         if plan.missing:
             from tqdm.auto import tqdm
 
-            with tqdm(total=plan.missing, desc="class images", unit="img") as bar:
-                generate_class_images(
-                    pipe,
-                    plan,
-                    seed=config.seed,
-                    num_inference_steps=config.class_generation_steps,
-                    batch_size=config.class_generation_batch_size,
-                    autocast=accelerator.autocast,
-                    on_batch=bar.update,
-                )
+            # Runs sharing a class folder take turns: the manifest and the images are written by one at a time.
+            with output_lock(config.class_dir, "--class-dir", wait=True):
+                plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+                with tqdm(total=plan.missing, desc="class images", unit="img", disable=not plan.missing) as bar:
+                    generate_class_images(
+                        pipe,
+                        plan,
+                        seed=config.seed,
+                        num_inference_steps=config.class_generation_steps,
+                        batch_size=config.class_generation_batch_size,
+                        autocast=accelerator.autocast,
+                        on_batch=bar.update,
+                    )
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # the main process generated them: read the folder as it is now
         plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)

@@ -244,7 +244,7 @@ import sys, time
 from lora_db.locks import output_lock
 with output_lock(sys.argv[1], "--output-dir", inside=sys.argv[2] == "inside"):
     print("locked", flush=True)
-    time.sleep(120)
+    time.sleep(float(sys.argv[3]))
 """
 
 
@@ -257,9 +257,9 @@ def lock_holder():
 
     with contextlib.ExitStack() as stack:
 
-        def start(folder, inside=True):
+        def start(folder, inside=True, seconds=120):
             process = stack.enter_context(
-                spawn([sys.executable, "-c", HOLD_LOCK, str(folder), "inside" if inside else "beside"],
+                spawn([sys.executable, "-c", HOLD_LOCK, str(folder), "inside" if inside else "beside", str(seconds)],
                       stdout=subprocess.PIPE, text=True)
             )  # fmt: skip
             assert process.stdout.readline().strip() == "locked"
@@ -302,6 +302,19 @@ def test_sample_and_merge_outputs_are_locked_too(lock_holder, tmp_path, four_ste
     holder = lock_holder(combined, inside=False)
     with pytest.raises(LoraDBError, match=rf"--into-adapter {combined} is in use by process {holder.pid}"):
         write_combined(MergeConfig(adapters=["a.safetensors"], into_adapter=combined))
+
+
+def test_runs_sharing_a_class_folder_wait_their_turn(lock_holder, tmp_path, caplog):
+    import time
+
+    from lora_db.locks import output_lock
+
+    classes = tmp_path / "classes"
+    holder = lock_holder(classes, seconds=2)
+    started = time.monotonic()
+    with output_lock(classes, "--class-dir", wait=True):
+        assert holder.poll() is not None or time.monotonic() - started > 1.0
+    assert f"--class-dir {classes} is in use by process {holder.pid}: waiting for it to finish" in caplog.text
 
 
 # -- stop signals -------------------------------------------------------------------------------------------------
