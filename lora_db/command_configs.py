@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config import MixedPrecision
+from .config import MAX_SEED, MixedPrecision, check_numbers
 from .errors import LoraDBError
 
 
@@ -44,9 +44,9 @@ class WeightedAdapter:
         return str(self.path) if self.weight == 1.0 else f"{self.path}:{self.weight:g}"
 
 
-def _opt(default, help: str):
+def _opt(default, help: str, **limits):
     factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help})
+    return field(**factory, metadata={"help": help, **limits})
 
 
 @dataclass
@@ -60,12 +60,12 @@ class SampleConfig:
     )
     prompts: list[str] = _opt(list, "Prompt to sample (t2i); repeatable, one grid column set each.")
     prompts_file: Path | None = _opt(None, "Text file of prompts, one a line (blank lines skipped).")
-    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.")
-    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.")
-    num_inference_steps: int = _opt(25, "Denoising steps per sample.")
+    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.", minimum=1)
+    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.", minimum=0, maximum=MAX_SEED)
+    num_inference_steps: int = _opt(25, "Denoising steps per sample.", minimum=1)
     guidance_scale: float = _opt(8.0, "Classifier-free guidance scale.")
-    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).")
-    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).")
+    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).", minimum=8)
+    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).", minimum=8)
     mixed_precision: MixedPrecision = _opt("no", "Load the weights in fp16 (GPU) or bf16.")
     mode: Literal["t2i", "i2t"] = _opt("t2i", "t2i: images from prompts; i2t: captions of --image.")
     image: Path | None = _opt(None, "Image to caption in i2t mode.")
@@ -73,15 +73,11 @@ class SampleConfig:
     overwrite: bool = _opt(False, "Replace --out if it holds an earlier `lora-db sample` output.")
 
     def __post_init__(self) -> None:
-        if self.out is None:
+        if self.out is None or not str(self.out).strip():
             raise LoraDBError("--out is required: the folder to write the samples into")
         self.out = Path(self.out)
         self.choices = [WeightedAdapter.parse(text) for text in self.adapters] or [WeightedAdapter(None)]
-        for name in ("num_images", "num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise LoraDBError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not math.isfinite(self.guidance_scale):
-            raise LoraDBError(f"--guidance-scale must be a finite number (got {self.guidance_scale})")
+        check_numbers(self)
         if self.mode == "i2t" and (self.prompts or self.prompts_file):
             raise LoraDBError("--prompt and --prompts-file are for --mode t2i; i2t captions --image")
         if self.mode == "t2i" and not (self.prompts or self.prompts_file):
@@ -110,7 +106,9 @@ class MergeConfig:
     model: str | None = _opt(
         None, "Base model (hub id, folder, `tiny`); defaults to the one the adapters were trained on."
     )
-    rank: int | None = _opt(None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.")
+    rank: int | None = _opt(
+        None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.", minimum=1
+    )
     save_dtype: Literal["fp32", "fp16", "bf16"] = _opt("fp32", "dtype of the merged pipeline's weights.")
     overwrite: bool = _opt(False, "Replace an output lora-db wrote before.")
 
@@ -124,8 +122,10 @@ class MergeConfig:
             raise LoraDBError("give one of --out DIR (a merged pipeline) or --into-adapter FILE (one adapter)")
         if self.rank is not None and self.into_adapter is None:
             raise LoraDBError("--rank goes with --into-adapter (an SVD of the combined adapter)")
-        if self.rank is not None and self.rank < 1:
-            raise LoraDBError(f"--rank must be at least 1 (got {self.rank})")
+        check_numbers(self)
+        for name in ("out", "into_adapter"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise LoraDBError(f"--{name.replace('_', '-')} is empty; name a folder or file")
         if self.into_adapter is not None and Path(self.into_adapter).suffix != ".safetensors":
             raise LoraDBError(f"--into-adapter {self.into_adapter}: adapter files end in .safetensors")
         self.out = Path(self.out) if self.out is not None else None

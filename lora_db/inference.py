@@ -24,6 +24,7 @@ the base, or a weighted combination) renders one row of DIR/grid.png, each image
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -49,6 +50,9 @@ from .adapters import (
 from .command_configs import SampleConfig as SampleConfig  # re-exported: `sample(SampleConfig(...))`
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json, atomic_write_text
+from .locks import output_lock
+
+logger = logging.getLogger("lora_db")
 
 ADAPTER_NAME = r"[0-9A-Za-z_-]+"  # peft keeps adapters in ModuleDicts, whose keys cannot hold dots
 SAMPLE_MARKER = "sample.json"
@@ -147,6 +151,7 @@ def load_pipeline(model: str, adapters: Iterable[str | Path] = (), *, torch_dtyp
     pipe.to(device or default_device())
     pipe.lora_adapters = AdapterSet(pipe)
     weights = {pipe.lora_adapters.load(c.path): c.weight for c in choices if c.path is not None}
+    warn_other_base(model, pipe.lora_adapters.files.values())
     pipe.lora_adapters.activate(weights)
     return pipe
 
@@ -193,13 +198,33 @@ def plan_rows(choices: Sequence[WeightedAdapter], names: Mapping[Path, str], com
 
 
 def resolve_model(model: str | None, adapters: Iterable[AdapterFile]) -> str:
+    adapters = list(adapters)
     if model:
+        warn_other_base(model, adapters)
         return model
     bases = {a.metadata.get("base_model", "") for a in adapters} - {""}
     if len(bases) != 1:
         found = f"they name {', '.join(sorted(bases))}" if bases else "none names one"
         raise LoraDBError(f"--model is required: the adapters' metadata gives no single base model ({found})")
     return bases.pop()
+
+
+def _same_model(a: str, b: str) -> bool:
+    # A hub id and a local copy of it (`hf download thu-ml/unidiffuser-v1 --local-dir unidiffuser-v1`) match.
+    return a.rstrip("/") == b.rstrip("/") or Path(a.rstrip("/")).name == Path(b.rstrip("/")).name
+
+
+def warn_other_base(model: str, adapters: Iterable[AdapterFile]) -> None:
+    """One warning line per adapter whose metadata names another base model than the one it is applied to."""
+    for adapter in adapters:
+        base = adapter.metadata.get("base_model", "")
+        if base and not _same_model(base, model):
+            logger.warning(
+                "%s was trained on %s, not %s: its layers may fit, but what it learned may not carry over",
+                adapter.path,
+                base,
+                model,
+            )
 
 
 def check_output_folder(out: Path, overwrite: bool, marker: str) -> None:
@@ -244,10 +269,7 @@ class SampleResult:
 
 def sample(config: SampleConfig) -> SampleResult:
     """`lora-db sample`: every check first, then the base once, each adapter once, then one row per adapter."""
-    from tqdm.auto import tqdm
-
-    from .memory import check_mixed_precision, weight_dtype
-    from .models import load_pipeline as load_base
+    from .memory import check_mixed_precision
 
     files = {c.path: read_adapter(c.path) for c in config.choices if c.path is not None}
     if config.combine:
@@ -258,7 +280,16 @@ def sample(config: SampleConfig) -> SampleResult:
     device = default_device()
     check_mixed_precision(config.mixed_precision, device)
     check_size(config, model)
-    check_output_folder(config.out, config.overwrite, SAMPLE_MARKER)
+    with output_lock(config.out, "--out", inside=False):
+        check_output_folder(config.out, config.overwrite, SAMPLE_MARKER)
+        return _sample(config, files, model, prompts, image, device)
+
+
+def _sample(config: SampleConfig, files, model: str, prompts: list[str], image, device) -> SampleResult:
+    from tqdm.auto import tqdm
+
+    from .memory import weight_dtype
+    from .models import load_pipeline as load_base
 
     started = time.perf_counter()
     pipe = load_base(model, torch_dtype=weight_dtype(config.mixed_precision))

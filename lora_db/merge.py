@@ -45,6 +45,7 @@ from .adapters import (
 from .command_configs import MergeConfig as MergeConfig  # re-exported
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json
+from .locks import output_lock
 
 logger = logging.getLogger("lora_db")
 
@@ -132,11 +133,17 @@ def read_weighted(config: MergeConfig) -> list[tuple[AdapterFile, float]]:
 def merge(config: MergeConfig) -> MergeResult:
     """`lora-db merge --out`: load the base, fold the adapters in, save a stock diffusers pipeline atomically."""
     from .inference import check_output_folder, resolve_model
-    from .models import load_pipeline
 
     adapters = read_weighted(config)
     model = resolve_model(config.model, (a for a, _ in adapters))
-    check_output_folder(config.out, config.overwrite, MERGE_MARKER)
+    with output_lock(config.out, "--out", inside=False):
+        check_output_folder(config.out, config.overwrite, MERGE_MARKER)
+        return _merge(config, adapters, model)
+
+
+def _merge(config: MergeConfig, adapters: list[tuple[AdapterFile, float]], model: str) -> MergeResult:
+    from .models import load_pipeline
+
     started = time.perf_counter()
     pipe = load_pipeline(model)
     base_load_s = time.perf_counter() - started
@@ -255,6 +262,11 @@ def best_low_rank(
 def write_combined(config: MergeConfig) -> MergeResult:
     """`lora-db merge --into-adapter`: the adapters' weighted sum as one adapter file (no model loaded)."""
     path = config.into_adapter
+    with output_lock(path, "--into-adapter", inside=False):
+        return _write_combined(config, path)
+
+
+def _write_combined(config: MergeConfig, path: Path) -> MergeResult:
     if path.exists() and not config.overwrite:
         raise LoraDBError(f"--into-adapter {path} already exists; choose another file, or pass --overwrite")
     adapters = read_weighted(config)

@@ -215,7 +215,7 @@ def test_init_adapter_mismatches_are_named(options, fragment, tiny_config, prist
         ({"method": "full", "use_dora": True}, "--use-dora is a LoRA option"),
         ({"loraplus_lr_ratio": 0.0}, "--loraplus-lr-ratio must be a positive"),
         ({"snr_gamma": float("nan")}, "--snr-gamma must be a positive"),
-        ({"noise_offset": -0.1}, "--noise-offset must be a finite number >= 0"),
+        ({"noise_offset": -0.1}, "--noise-offset must be a finite number of at least 0"),
     ],
 )
 def test_bad_variant_and_loss_options(options, fragment, tiny_config):
