@@ -88,6 +88,16 @@ CONFIGURATIONS = (
         prior=True,
     ),
     Configuration(
+        "lora-bf16-ckpt-8bit-cached-nf4",
+        "+ 4-bit NF4 frozen U-ViT (QLoRA)",
+        {**_LORA_BASE, "cache_latents": True, "quantize_base": "nf4"},
+    ),
+    Configuration(
+        "lora-bf16-ckpt-8bit-cached-int8",
+        "+ 8-bit frozen U-ViT (LLM.int8())",
+        {**_LORA_BASE, "cache_latents": True, "quantize_base": "int8"},
+    ),
+    Configuration(
         "lora-bf16-ckpt-8bit-cached-xformers",
         "+ xformers instead of SDPA",
         {**_LORA_BASE, "cache_latents": True, "attention": "xformers"},

@@ -4,7 +4,7 @@
     inject_lora(pipe.unet, spec)          # peft's bitsandbytes LoRA layers (peft.tuners.lora.bnb) go on top
 
 The backbone of the U-ViT (`unet.transformer`: 99.8% of its weights) and, when it gets LoRA, of the CLIP text
-encoder (`text_model.encoder`) become bitsandbytes layers: `Linear4bit` with NF4 and double quantization (each
+encoder (its `encoder`) become bitsandbytes layers: `Linear4bit` with NF4 and double quantization (each
 64-weight block's absmax is itself stored in 8 bits, with one fp32 constant per 256 blocks), or `Linear8bitLt`
 (LLM.int8(): 8-bit rows with one fp32 scale each, outlier features above 6.0 computed in 16 bits). The U-ViT's
 five small input/output projections, embeddings and norms keep the weight dtype, as QLoRA keeps a language
@@ -152,8 +152,9 @@ def quantization_roots(model: nn.Module) -> list[nn.Module]:
     """The parts of a model whose linear layers are quantized: the U-ViT's or the CLIP text encoder's backbone."""
     if hasattr(model, "transformer") and hasattr(model, "text_out"):  # UniDiffuserModel
         return [model.transformer]
-    if hasattr(model, "text_model"):  # CLIPTextModel
-        return [model.text_model.encoder]
+    text_model = getattr(model, "text_model", model)  # CLIPTextModel (transformers 5 has no text_model level)
+    if hasattr(text_model, "encoder") and hasattr(text_model, "final_layer_norm"):
+        return [text_model.encoder]
     raise LoraDBError(f"--quantize-base: lora-db quantizes the U-ViT and CLIP text encoder, not {type(model).__name__}")
 
 
