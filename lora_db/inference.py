@@ -46,7 +46,7 @@ from .adapters import (
     pipeline_component,
     read_adapter,
 )
-from .config import MixedPrecision
+from .config import MixedPrecision, Quantization
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -133,21 +133,38 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(model: str, adapters: Iterable[str | Path] = (), *, torch_dtype=None, device=None):
+def load_pipeline(
+    model: str, adapters: Iterable[str | Path] = (), *, torch_dtype=None, device=None, quantize_base: str = "none"
+):
     """A diffusers `UniDiffuserPipeline` with `adapters` (`FILE[:WEIGHT]`) attached, all active at their weights.
 
     Switch them with `pipe.lora_adapters.activate({name: weight})` (an `AdapterSet`); names are in
-    `pipe.lora_adapters.names`.
+    `pipe.lora_adapters.names`. `quantize_base="nf4"` (or `"int8"`) samples on a quantized base, as QLoRA trains.
     """
     from .models import load_pipeline as load_base
 
     choices = [WeightedAdapter.parse(str(text)) for text in adapters]
+    device = torch.device(device) if device is not None else default_device()
+    files = [read_adapter(c.path) for c in choices if c.path is not None]
     pipe = load_base(model, torch_dtype=torch_dtype)
-    pipe.to(device or default_device())
+    quantize_for(pipe, files, quantize_base, torch_dtype or torch.float32, device)
+    pipe.to(device)
     pipe.lora_adapters = AdapterSet(pipe)
-    weights = {pipe.lora_adapters.load(c.path): c.weight for c in choices if c.path is not None}
+    adapters_by_path = {file.path: file for file in files}
+    weights = {pipe.lora_adapters.load(adapters_by_path[c.path]): c.weight for c in choices if c.path is not None}
     pipe.lora_adapters.activate(weights)
     return pipe
+
+
+def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Quantize the base before any adapter is injected: the U-ViT, and the text encoder if an adapter trained it."""
+    from .quantize import check_quantization, quantize_pipeline
+
+    if kind == "none":
+        return
+    check_quantization(kind, device, dtype)
+    text_encoder = any("text_encoder" in adapter.specs for adapter in adapters)
+    quantize_pipeline(pipe, kind, dtype, device, text_encoder=text_encoder)
 
 
 # -- lora-db sample -------------------------------------------------------------------------------------------------
@@ -176,6 +193,9 @@ class SampleConfig:
     height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).")
     width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).")
     mixed_precision: MixedPrecision = _opt("no", "Load the weights in fp16 (GPU) or bf16.")
+    quantize_base: Quantization = _opt(
+        "none", "Sample on a 4-bit NF4 or 8-bit base (bitsandbytes), as `lora-db train --quantize-base` trains."
+    )
     mode: Literal["t2i", "i2t"] = _opt("t2i", "t2i: images from prompts; i2t: captions of --image.")
     image: Path | None = _opt(None, "Image to caption in i2t mode.")
     combine: bool = _opt(False, "Apply all adapters at once, as their weighted sum (one row), instead of one each.")
@@ -312,11 +332,17 @@ def sample(config: SampleConfig) -> SampleResult:
     image = _read_image(config.image) if config.mode == "i2t" else None
     device = default_device()
     check_mixed_precision(config.mixed_precision, device)
+    dtype = weight_dtype(config.mixed_precision)
+    if config.quantize_base != "none":
+        from .quantize import check_quantization
+
+        check_quantization(config.quantize_base, device, dtype)
     check_size(config, model)
     check_output_folder(config.out, config.overwrite, SAMPLE_MARKER)
 
     started = time.perf_counter()
-    pipe = load_base(model, torch_dtype=weight_dtype(config.mixed_precision))
+    pipe = load_base(model, torch_dtype=dtype)
+    quantize_for(pipe, files.values(), config.quantize_base, dtype, device)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     result = SampleResult(config.out, [], base_load_s=time.perf_counter() - started)
@@ -427,6 +453,6 @@ def _write_records(folder: Path, config: SampleConfig, model: str, prompts, rows
         "timings_s": {"base_load": result.base_load_s, "adapter_load": result.adapter_load_s},
     }
     record["timings_s"]["switches"] = result.switch_s
-    for name in ("seed", "num_images", "num_inference_steps", "guidance_scale", "mixed_precision"):
+    for name in ("seed", "num_images", "num_inference_steps", "guidance_scale", "mixed_precision", "quantize_base"):
         record[name] = getattr(config, name)
     atomic_write_json(folder / SAMPLE_MARKER, record)

@@ -178,6 +178,13 @@ def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype, devi
     return count
 
 
+def quantize_pipeline(pipe, kind: str, compute_dtype: torch.dtype, device: torch.device, text_encoder: bool) -> None:
+    """The U-ViT, and the CLIP text encoder when it carries LoRA, quantized layer by layer onto `device`."""
+    quantize_model(pipe.unet, kind, compute_dtype, device)
+    if text_encoder:
+        quantize_model(pipe.text_encoder, kind, compute_dtype, device)
+
+
 def quantized_layers(model: nn.Module) -> list[nn.Module]:
     if importlib.util.find_spec("bitsandbytes") is None:
         return []

@@ -52,7 +52,7 @@ from .memory import (
 )
 from .models import check_resolution, load_pipeline, load_unet_config, native_resolution
 from .objective import ExampleSource, PromptEncoder, dreambooth_loss, example_source
-from .quantize import check_quantization, quantize_model
+from .quantize import check_quantization, quantize_pipeline
 from .sampling import generate_images, image_grid, save_png
 
 logger = logging.getLogger("lora_db")
@@ -186,9 +186,7 @@ def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageReco
 
 def quantize_base(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> None:
     """--quantize-base: the U-ViT (and a trained text encoder) quantized layer by layer onto the device."""
-    quantize_model(pipe.unet, config.quantize_base, dtype, device)
-    if config.train_text_encoder:
-        quantize_model(pipe.text_encoder, config.quantize_base, dtype, device)
+    quantize_pipeline(pipe, config.quantize_base, dtype, device, text_encoder=config.train_text_encoder)
 
 
 def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> Models:
