@@ -49,7 +49,7 @@ def check_quantization(kind: str, device: torch.device, compute_dtype: torch.dty
         raise LoraDBError(f"--quantize-base {kind}: choose none, nf4 or int8")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise LoraDBError(
-            f"--quantize-base {kind} needs bitsandbytes: `pip install 'lora-db[bitsandbytes]'`, or drop --quantize-base"
+            f"--quantize-base {kind} needs bitsandbytes: `pip install 'bitsandbytes>=0.50'`, or drop --quantize-base"
         )
     if not probe:
         return

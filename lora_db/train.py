@@ -543,6 +543,7 @@ def memory_advice(config: TrainConfig) -> str:
         (not config.gradient_checkpointing, "--gradient-checkpointing"),
         (config.optimizer == "adamw", "--optimizer adamw8bit"),
         (not config.cache_latents and not (config.random_crop or config.random_flip), "--cache-latents"),
+        (config.method == "lora" and config.quantize_base == "none", "--quantize-base nf4"),
         (config.train_batch_size > 1, "a smaller --train-batch-size with --gradient-accumulation-steps"),
     ]
     options = [option for applies, option in unused if applies]
