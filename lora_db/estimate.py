@@ -13,7 +13,9 @@ LoRA injection, dtypes, checkpointing, attention; `ExampleSource`, `PromptEncode
 `setup_optimizer`) and two optimizer steps of `micro_batch_loss` + backward + clipping + optimizer step run under
 torch's MemTracker, which files every tensor as weights, gradients, optimizer state, activation or temporary and
 records the peak. Two steps, because Adam's states only exist from the first step on. The real-size model takes
-seconds on a CPU.
+seconds on a CPU. A quantized base (`--quantize-base`) is quantized by bitsandbytes' own code through its fake
+kernels, so packed weights and quantization constants are counted as training holds them; NF4's fused matmul op
+is traced through bitsandbytes' default implementation (dequantize the weight, then multiply), which the CPU runs.
 
 What it does not count: the CUDA context (printed beside the estimate, ~0.5 GiB), the caching allocator's slack
 (reserved minus allocated) and buffers kernels allocate inside themselves. The trace runs with CPU kernels and
@@ -242,6 +244,25 @@ def _host_tensors_stay_real_mode():
     return HostTensorsStayReal()
 
 
+def _bitsandbytes_4bit_matmul_mode(quantize_base: str):
+    """NF4's forward matmul is one op, `bitsandbytes::gemm_4bit`, whose fake kernel yields only the output. Its
+    CPU implementation (and its CUDA one for training-sized inputs on most GPUs) dequantizes the whole weight
+    first, then multiplies: trace bitsandbytes' own default implementation instead, so that the dequantized weight
+    is counted while the op holds it."""
+    if quantize_base != "nf4":
+        return contextlib.nullcontext()
+    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DequantizeThenMultiply(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.bitsandbytes.gemm_4bit.default:
+                return _gemm_4bit_default_impl(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    return DequantizeThenMultiply()
+
+
 # -- the estimate ------------------------------------------------------------------------------------------------
 
 
@@ -303,7 +324,7 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
         tracker.track_external(*(t for name in COMPONENTS for t in quantization_tensors(getattr(pipe, name))))
         setup_bytes = _device_total(tracker.get_tracker_snapshot("current"), traced)
         saved: dict[str, int] = {}
-        with mode, tracker, _host_tensors_stay_real_mode():
+        with mode, tracker, _host_tensors_stay_real_mode(), _bitsandbytes_4bit_matmul_mode(config.quantize_base):
             for step in range(_TRACED_STEPS):
                 _traced_step(run, step, tracker, saved)
     peak = tracker.get_tracker_snapshot("peak").get(traced, {})
