@@ -10,6 +10,7 @@ peft's definition times the user's weight), used by hot-swap, merge and combinat
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from torch import nn
 
 from .errors import LoraDBError
 from .io import atomic_write
+
+logger = logging.getLogger("lora_db")
 
 FORMAT = "lora-db/1"
 COMPONENTS = ("unet", "text_encoder")
@@ -99,6 +102,29 @@ def check_targets(model: nn.Module, targets: Iterable[str], option: str = "--tar
         raise LoraDBError(
             f"{option}: no linear layer named {', '.join(unknown)} in this model; available: {', '.join(suffixes)}"
         )
+
+
+def check_rank(model: nn.Module, spec: LoraSpec, component: str) -> None:
+    """Warn when the rank is above targeted layers' width: B @ A is then already full rank, so the extra rank adds
+    parameters (and adapter size) but no capacity."""
+    layers = [layer for name, layer in linear_layers(model).items() if matches_target(name, spec.target_modules)]
+    widths = [min(layer.in_features, layer.out_features) for layer in layers]
+    narrow = sum(width < spec.rank for width in widths)
+    if not narrow:
+        return
+    size = sum(spec.rank * (layer.in_features + layer.out_features) for layer in layers) * 4
+    which = "all" if narrow == len(widths) else f"{narrow} of the {len(widths)}"
+    logger.warning(
+        "--rank %d is above the width of %s targeted %s layers (narrowest %d, widest %d): they gain "
+        "parameters but no capacity, for a %.1f MiB adapter; --rank %d or less learns the same",
+        spec.rank,
+        which,
+        component,
+        min(widths),
+        max(widths),
+        size / 2**20,
+        max(widths),
+    )
 
 
 def inject_lora(model: nn.Module, spec: LoraSpec, adapter_name: str = "default") -> nn.Module:

@@ -96,7 +96,13 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], rest: Mapping[str,
     return {"state": {int(index): values for index, values in tree.items()}, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(output_dir: Path, state: TrainingState, total_limit: int | None = None) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    state: TrainingState,
+    total_limit: int | None = None,
+    records: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write checkpoint-STEP atomically; `records` are extra JSON files to keep in it (name -> content)."""
     from safetensors.torch import save_file
 
     path = output_dir / f"checkpoint-{state.step}"
@@ -109,15 +115,17 @@ def save_checkpoint(output_dir: Path, state: TrainingState, total_limit: int | N
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, str(tmp / "rng.safetensors"))
         meta = {"step": state.step, "optimizer": optimizer_rest, "scheduler": state.scheduler, "scaler": state.scaler}
+        for name, content in (records or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
     if total_limit is not None:
-        prune_checkpoints(output_dir, total_limit)
+        prune_checkpoints(output_dir, total_limit, keep_also=path)
     return path
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted folders."""
-    old = list_checkpoints(output_dir)[:-keep]
+def prune_checkpoints(output_dir: Path, keep: int, keep_also: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints, never `keep_also` (the one just saved); returns the deleted."""
+    old = [path for path in list_checkpoints(output_dir)[:-keep] if path != keep_also]
     for path in old:
         shutil.rmtree(path)
     return old

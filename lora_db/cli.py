@@ -5,11 +5,13 @@
     lora-db train --config run.toml --max-train-steps 800     # the command line wins over the file
 
 A problem the user can fix prints one line on stderr and exits with code 1 (`--debug` or LORA_DB_DEBUG=1 shows
-the traceback); usage errors keep typer's exit code 2.
+the traceback); usage errors keep typer's exit code 2. An error of the operating system (a full disk, a missing
+permission) is one line too, and so is an unexpected error: no path shows a traceback without `--debug`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -72,8 +74,8 @@ def train_command(config_file: ConfigFile = None, **values: Any) -> None:
 @app.command("demo-images")
 def demo_images_command(
     folder: Annotated[Path, typer.Argument(help="Folder to write the photos into.")],
-    count: Annotated[int, typer.Option(help="How many photos.")] = 5,
-    size: Annotated[int, typer.Option(help="Side of each photo in pixels.")] = 256,
+    count: Annotated[int, typer.Option(help="How many photos.", min=1, max=10_000)] = 5,
+    size: Annotated[int, typer.Option(help="Side of each photo in pixels.", min=16, max=4096)] = 256,
     seed: Annotated[int, typer.Option(help="Same seed, same photos.")] = 0,
 ) -> None:
     """Write synthetic photos of one subject (a toy robot), for demos and tests without downloads."""
@@ -103,6 +105,27 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as err:
+        if _debug_enabled():
+            raise
+        typer.echo(f"error: {_one_line(err)}", err=True)
+        sys.exit(1)
+
+
+def _one_line(err: Exception) -> str:
+    from .io import explain_os_error, os_error_of
+
+    os_error = os_error_of(err)
+    if os_error is not None:
+        where = getattr(os_error, "filename", None)
+        if os_error.errno in (errno.ENOSPC, errno.EDQUOT) or (where and os_error.errno == errno.EROFS):
+            return str(explain_os_error(os_error, where or "a file"))
+        return f"{where}: {os_error.strerror or os_error}" if where else f"{os_error.strerror or os_error}"
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (
+        f"unexpected {type(err).__name__}{': ' + detail if detail else ''} "
+        "(run again with --debug for the traceback, and please report it)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def _merge(name: str, flag: str | None = None):
 
 
 def sample_command(
-    out: Annotated[Path, _sample("out")],
+    out: Annotated[str, _sample("out")],  # text, not Path: typer would turn "" into "." (the current folder)
     adapter: Annotated[list[str] | None, _sample("adapters", "--adapter")] = None,
     prompt: Annotated[list[str] | None, _sample("prompts", "--prompt")] = None,
     prompts_file: Annotated[Path | None, _sample("prompts_file")] = _SAMPLE.prompts_file,
@@ -119,8 +119,8 @@ def _print_sample(result: SampleResult) -> None:
 
 def merge_command(
     adapter: Annotated[list[str], _merge("adapters", "--adapter")],
-    out: Annotated[Path | None, _merge("out")] = _MERGE.out,
-    into_adapter: Annotated[Path | None, _merge("into_adapter")] = _MERGE.into_adapter,
+    out: Annotated[str | None, _merge("out")] = _MERGE.out,  # text: typer would turn "" into "."
+    into_adapter: Annotated[str | None, _merge("into_adapter")] = _MERGE.into_adapter,
     model: Annotated[str | None, _merge("model")] = _MERGE.model,
     rank: Annotated[int | None, _merge("rank")] = _MERGE.rank,
     save_dtype: Annotated[Literal["fp32", "fp16", "bf16"], _merge("save_dtype")] = _MERGE.save_dtype,

@@ -45,7 +45,8 @@ def dataclass_options(cls: type) -> list[inspect.Parameter]:
         base, choices, _ = option_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         names = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
-        annotation_type = list[str] if base is list else Literal[choices] if choices else base
+        # Paths arrive as text: typer would turn "" into Path("."), the current folder, before any check saw it.
+        annotation_type = list[str] if base is list else Literal[choices] if choices else str if base is Path else base
         option = typer.Option(
             *names,
             help=help_with_default(f),

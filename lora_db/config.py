@@ -12,6 +12,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,9 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 AttentionBackend = Literal["sdpa", "xformers"]
 Quantization = Literal["none", "nf4", "int8"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+MAX_SEED = 2**32 - 1  # numpy and the data order take 32-bit seeds
+PATH_FIELDS = ("instance_dir", "output_dir", "class_dir")
 
 
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
@@ -56,10 +60,16 @@ class TrainConfig:
         None,
         "Training image size in pixels; defaults to the model's native size (512 for unidiffuser-v1).",
         "Model and data",
+        minimum=8,
     )
     random_crop: bool = _opt(False, "Random instead of center crop (augmentation).", "Model and data")
     random_flip: bool = _opt(False, "Random horizontal flips (augmentation).", "Model and data")
     skip_bad_images: bool = _opt(False, "Skip unreadable images with a warning instead of stopping.", "Model and data")
+    strict: bool = _opt(
+        False,
+        "Stop instead of warning when a caption or prompt is longer than the text encoder reads (77 tokens).",
+        "Model and data",
+    )
     overwrite: bool = _opt(
         False,
         "Start afresh in an output folder that holds an earlier run (its lora-db files are replaced).",
@@ -77,22 +87,26 @@ class TrainConfig:
         "Prior preservation",
     )
     num_class_images: int = _opt(
-        100, "Class images to use (generated if the folder holds fewer).", "Prior preservation"
+        100, "Class images to use (generated if the folder holds fewer).", "Prior preservation", minimum=1
     )
     prior_loss_weight: float = _opt(
-        1.0, "Weight of the class loss: loss = instance + weight x class.", "Prior preservation"
+        1.0, "Weight of the class loss: loss = instance + weight x class.", "Prior preservation", minimum=0
     )
-    class_generation_steps: int = _opt(25, "Denoising steps per generated class image.", "Prior preservation")
-    class_generation_batch_size: int = _opt(4, "Class images generated per batch.", "Prior preservation")
+    class_generation_steps: int = _opt(
+        25, "Denoising steps per generated class image.", "Prior preservation", minimum=1
+    )
+    class_generation_batch_size: int = _opt(4, "Class images generated per batch.", "Prior preservation", minimum=1)
     # -- what is trained -----------------------------------------------------------------------------------------
     method: Method = _opt(
         "lora",
         "`lora` trains adapters; `full` trains every U-ViT weight (the baseline benchmarks compare).",
         "Adapter",
     )
-    rank: int = _opt(4, "LoRA rank r: adapter size grows linearly with it.", "Adapter")
-    alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha / rank. Defaults to rank.", "Adapter")
-    lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch input.", "Adapter")
+    rank: int = _opt(4, "LoRA rank r: adapter size grows linearly with it.", "Adapter", minimum=1)
+    alpha: float | None = _opt(
+        None, "LoRA alpha; the update is scaled by alpha / rank. Defaults to rank.", "Adapter", above=0
+    )
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch input.", "Adapter", minimum=0, below=1)
     target_modules: list[str] = _opt(
         lambda: list(UNET_ATTENTION_TARGETS),
         "U-ViT layers that get LoRA (suffixes of module names); add ff.net.0.proj and ff.net.2 for the MLPs.",
@@ -102,23 +116,33 @@ class TrainConfig:
         False, "Also put LoRA into the CLIP text encoder (q/k/v/out projections).", "Adapter"
     )
     text_encoder_learning_rate: float | None = _opt(
-        None, "Learning rate of the text-encoder LoRA; defaults to --learning-rate.", "Adapter"
+        None, "Learning rate of the text-encoder LoRA; defaults to --learning-rate.", "Adapter", above=0
     )
     uncond_prob: float = _opt(
         0.0,
         "Fraction of examples trained as unconditional (text = noise at t=T) so guidance keeps working.",
         "Adapter",
+        minimum=0,
+        maximum=1,
     )
     # -- optimisation ---------------------------------------------------------------------------------------------
-    learning_rate: float = _opt(1e-4, "Peak learning rate.", "Optimisation")
+    learning_rate: float = _opt(1e-4, "Peak learning rate.", "Optimisation", above=0)
     lr_scheduler: LRScheduler = _opt("constant", "Learning-rate schedule after warm-up.", "Optimisation")
-    lr_warmup_steps: int = _opt(0, "Linear warm-up steps.", "Optimisation")
-    max_train_steps: int = _opt(400, "Optimizer steps to train.", "Optimisation")
-    train_batch_size: int = _opt(1, "Instance images per step and process (class images add as many).", "Optimisation")
-    gradient_accumulation_steps: int = _opt(1, "Micro-batches summed per optimizer step.", "Optimisation")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables it).", "Optimisation")
-    weight_decay: float = _opt(1e-2, "AdamW weight decay.", "Optimisation")
-    seed: int = _opt(0, "Seed of data order, augmentation, noise and LoRA init: same seed, same run.", "Optimisation")
+    lr_warmup_steps: int = _opt(0, "Linear warm-up steps.", "Optimisation", minimum=0)
+    max_train_steps: int = _opt(400, "Optimizer steps to train.", "Optimisation", minimum=1)
+    train_batch_size: int = _opt(
+        1, "Instance images per step and process (class images add as many).", "Optimisation", minimum=1
+    )
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches summed per optimizer step.", "Optimisation", minimum=1)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables it).", "Optimisation", minimum=0)
+    weight_decay: float = _opt(1e-2, "AdamW weight decay.", "Optimisation", minimum=0)
+    seed: int = _opt(
+        0,
+        "Seed of data order, augmentation, noise and LoRA init: same seed, same run.",
+        "Optimisation",
+        minimum=0,
+        maximum=MAX_SEED,
+    )
     # -- memory ---------------------------------------------------------------------------------------------------
     gradient_checkpointing: bool = _opt(
         False,
@@ -150,8 +174,10 @@ class TrainConfig:
         "Memory",
     )
     # -- checkpoints ----------------------------------------------------------------------------------------------
-    checkpointing_steps: int = _opt(0, "Save a resumable checkpoint every N steps (0: never).", "Checkpoints")
-    checkpoints_total_limit: int | None = _opt(None, "Keep only the newest K checkpoints.", "Checkpoints")
+    checkpointing_steps: int = _opt(
+        0, "Save a resumable checkpoint every N steps (0: never).", "Checkpoints", minimum=0
+    )
+    checkpoints_total_limit: int | None = _opt(None, "Keep only the newest K checkpoints.", "Checkpoints", minimum=1)
     resume_from_checkpoint: str | None = _opt(
         None,
         "`latest` or a checkpoint folder to resume from: weights, optimizer, scheduler, RNG and step.",
@@ -161,61 +187,32 @@ class TrainConfig:
     validation_prompt: str | None = _opt(
         None, "Prompt sampled during training into OUTPUT_DIR/validation/.", "Validation"
     )
-    validation_steps: int = _opt(100, "Sample validation images every N steps (and at the end).", "Validation")
-    num_validation_images: int = _opt(2, "Images per validation.", "Validation")
-    validation_inference_steps: int = _opt(25, "Denoising steps per validation image.", "Validation")
-    validation_guidance_scale: float = _opt(8.0, "Guidance scale of validation images.", "Validation")
+    validation_steps: int = _opt(
+        100, "Sample validation images every N steps (and at the end).", "Validation", minimum=1
+    )
+    num_validation_images: int = _opt(2, "Images per validation.", "Validation", minimum=1)
+    validation_inference_steps: int = _opt(25, "Denoising steps per validation image.", "Validation", minimum=1)
+    validation_guidance_scale: float = _opt(8.0, "Guidance scale of validation images.", "Validation", minimum=0)
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
-        for name in ("instance_dir", "output_dir", "class_dir"):
+        for name in PATH_FIELDS:
             value = getattr(self, name)
+            if isinstance(value, str) and not value.strip():
+                raise LoraDBError(f'--{_flag(name)} is empty; pass a folder ("." for the current one)')
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
+        check_numbers(self)
         self._check()
 
     def _check(self) -> None:
         def fail(message: str) -> None:
             raise LoraDBError(message)
 
-        if self.rank < 1:
-            fail(f"--rank must be at least 1 (got {self.rank})")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            fail(f"--alpha must be a positive number (got {self.alpha})")
-        for name in ("learning_rate", "text_encoder_learning_rate"):
+        for name in ("model", "instance_prompt", "class_prompt", "validation_prompt", "resume_from_checkpoint"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                fail(f"--{_flag(name)} must be a positive finite number (got {value})")
-        if not 0 <= self.lora_dropout < 1:
-            fail(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
-        if not 0 <= self.uncond_prob <= 1:
-            fail(f"--uncond-prob must be in [0, 1] (got {self.uncond_prob})")
-        for name in (
-            "max_train_steps",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "class_generation_steps",
-            "class_generation_batch_size",
-            "validation_steps",
-            "num_validation_images",
-            "validation_inference_steps",
-        ):
-            if getattr(self, name) < 1:
-                fail(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
-        for name in (
-            "lr_warmup_steps",
-            "checkpointing_steps",
-            "num_class_images",
-            "max_grad_norm",
-            "weight_decay",
-            "prior_loss_weight",
-        ):
-            if getattr(self, name) < 0:
-                fail(f"--{_flag(name)} must not be negative (got {getattr(self, name)})")
-        if self.resolution is not None and self.resolution < 8:
-            fail(f"--resolution must be a positive number of pixels (got {self.resolution})")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            fail(f"--checkpoints-total-limit must be at least 1 (got {self.checkpoints_total_limit})")
+            if isinstance(value, str) and not value.strip():
+                fail(f"--{_flag(name)} is empty; give it a value or leave the option out")
         if not self.target_modules:
             fail("--target-modules is empty: name at least one layer, e.g. to_q")
         if (self.class_prompt is None) != (self.class_dir is None):
@@ -237,6 +234,13 @@ class TrainConfig:
             )
         if self.overwrite and self.resume_from_checkpoint:
             fail("--overwrite starts afresh and --resume-from-checkpoint continues: choose one")
+        if self.instance_dir is not None and self.class_dir is not None:
+            instance, classes = self.instance_dir.resolve(), self.class_dir.resolve()
+            if instance == classes or instance in classes.parents or classes in instance.parents:
+                fail(
+                    f"--class-dir {self.class_dir} and --instance-dir {self.instance_dir} overlap: generated class "
+                    "images would mix with the subject's photos; give the class images a folder of their own"
+                )
 
     @property
     def lora_alpha(self) -> float:
@@ -265,6 +269,43 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def check_numbers(options: Any) -> None:
+    """Every numeric field of a config dataclass: a number, finite, and inside the range its metadata declares.
+
+    Range keys: `minimum` / `maximum` (inclusive), `above` / `below` (exclusive). None stands for the default.
+    """
+    hints = field_types(type(options))
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        base, _, _ = option_type(hints[f.name])
+        if value is None or base not in (int, float):
+            continue
+        flag = "--" + _flag(f.metadata.get("flag", f.name))
+        if isinstance(value, bool) or not isinstance(value, int | float) or (base is int and isinstance(value, float)):
+            raise LoraDBError(f"{flag} must be {'an integer' if base is int else 'a number'} (got {value!r})")
+        low = f.metadata.get("minimum", f.metadata.get("above"))
+        high = f.metadata.get("maximum", f.metadata.get("below"))
+        inside = math.isfinite(value) and (
+            (low is None or value > low or (value == low and "minimum" in f.metadata))
+            and (high is None or value < high or (value == high and "maximum" in f.metadata))
+        )
+        if not inside:
+            raise LoraDBError(f"{flag} must be {_range_text(f.metadata, base)} (got {value})")
+
+
+def _range_text(meta: Mapping[str, Any], base: type) -> str:
+    low = meta.get("minimum", meta.get("above"))
+    high = meta.get("maximum", meta.get("below"))
+    finite = "a finite number" if base is float else "an integer"
+    if low is not None and high is not None:
+        return f"in {'[' if 'minimum' in meta else '('}{low}, {high}{']' if 'maximum' in meta else ')'}"
+    if low == 0 and "above" in meta:
+        return f"a positive {finite.removeprefix('a ').removeprefix('an ')}"
+    if low is not None:
+        return f"at least {low}" if base is int else f"{finite} of at least {low}"
+    return finite
 
 
 def _plain(value: Any) -> Any:
@@ -301,6 +342,10 @@ def load_toml(path: Path, cls: type = TrainConfig) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LoraDBError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise LoraDBError(f"--config {path}: is a folder; pass a TOML file") from None
+    except OSError as err:
+        raise LoraDBError(f"--config {path}: cannot read it ({err.strerror or err})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise LoraDBError(f"--config {path}: not valid TOML ({err})") from None
     hints = field_types(cls)
@@ -342,4 +387,4 @@ def _coerce(path: Path, key: str, value: Any, annotation: Any) -> Any:
         raise wrong("a string")
     if choices is not None and value not in choices:
         raise wrong("one of " + ", ".join(choices))
-    return Path(value) if base is Path else value
+    return value  # paths stay text here: __post_init__ refuses an empty one before it could become "."

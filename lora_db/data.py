@@ -10,6 +10,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -49,9 +50,20 @@ def find_images(folder: str | Path, option: str = "--instance-dir", *, allow_emp
     if not folder.is_dir():
         raise LoraDBError(f"{option} {folder}: is a file, not a folder; pass the folder that holds the photos")
     try:
-        paths = sorted(path for path in folder.iterdir() if _is_image_file(path))
+        children = sorted(folder.iterdir())
+        paths = [path for path in children if _is_image_file(path)]
+        ignored = [path.name for path in children if _is_ignored_file(path)]
     except OSError as err:
         raise LoraDBError(f"{option} {folder}: cannot list the folder ({err.strerror or err})") from err
+    if ignored:
+        logger.warning(
+            "%s %s: ignoring %d file(s) that are not jpg/jpeg/png/webp/bmp: %s%s",
+            option,
+            folder,
+            len(ignored),
+            ", ".join(ignored[:5]),
+            ", ..." if len(ignored) > 5 else "",
+        )
     if not paths and not allow_empty:
         raise LoraDBError(
             f"{option} {folder}: no jpg/jpeg/png/webp/bmp images in it; add photos or pass another folder"
@@ -61,7 +73,23 @@ def find_images(folder: str | Path, option: str = "--instance-dir", *, allow_emp
 
 def _is_image_file(path: Path) -> bool:
     # Dotfiles are skipped: macOS leaves "._photo.jpg" metadata files on copied drives that are not images.
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    # A broken or looping link is kept, so that loading it reports it instead of it vanishing from the data.
+    return (
+        path.suffix.lower() in IMAGE_EXTENSIONS
+        and not path.name.startswith(".")
+        and (path.is_file() or _is_broken_link(path))
+    )
+
+
+def _is_ignored_file(path: Path) -> bool:
+    """A file the user may have meant as a photo (a .heic, a .gif) but that lora-db does not read."""
+    if path.name.startswith(".") or path.suffix.lower() in (*IMAGE_EXTENSIONS, ".txt"):
+        return False
+    return path.is_file() or _is_broken_link(path)
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()  # exists() is False for a dangling and for a looping link
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,6 +129,14 @@ def _decode(path: Path, max_pixels: int) -> Image.Image:
 
 
 def _check_file(path: Path) -> None:
+    if _is_broken_link(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise LoraDBError(
+            f"{path}: symbolic link to {target}, which does not exist or loops back; fix the link or delete it"
+        )
     if not path.is_file():
         raise LoraDBError(f"{path}: image file not found")
     if path.stat().st_size == 0:
@@ -162,6 +198,8 @@ def scan_images(
     records = []
     for path in paths:
         image = _load_checked(path, max_pixels, skip_bad_images)
+        if image is not None and resolution is not None:
+            image = _check_resized(path, image, resolution, max_pixels, skip_bad_images)
         if image is not None:
             _warn_about_shape(path, image.size, resolution)
             records.append(ImageRecord(path, _read_caption(path, default_prompt)))
@@ -178,6 +216,37 @@ def _load_checked(path: Path, max_pixels: int, skip_bad_images: bool) -> Image.I
             raise LoraDBError(f"{err} (or pass --skip-bad-images to train without it)") from err
         logger.warning("skipping bad image (--skip-bad-images): %s", err)
         return None
+
+
+def _check_resized(
+    path: Path, image: Image.Image, resolution: int, max_pixels: int, skip_bad_images: bool
+) -> Image.Image | None:
+    try:
+        check_resized_size(path, image.size, resolution, max_pixels)
+    except LoraDBError as err:
+        if not skip_bad_images:
+            raise LoraDBError(f"{err} (or pass --skip-bad-images to train without it)") from err
+        logger.warning("skipping bad image (--skip-bad-images): %s", err)
+        return None
+    return image
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The size `prepare_image` resizes to before cropping: the shorter side becomes `resolution`."""
+    width, height = size
+    scale = resolution / min(width, height)
+    # max() keeps rounding from leaving the shorter side one pixel short of the crop.
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def check_resized_size(path, size: tuple[int, int], resolution: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """An extreme side (400000 x 1) passes the pixel limit but would be upscaled into gigabytes: refuse it too."""
+    width, height = resized_size(size, resolution)
+    if width * height > max_pixels:
+        raise LoraDBError(
+            f"{path} is {size[0]} x {size[1]} pixels: resized to {resolution} px on its short side it would be "
+            f"{width} x {height}, above the limit of {max_pixels} pixels; crop it closer to square"
+        )
 
 
 def _warn_about_shape(path: Path, size: tuple[int, int], resolution: int | None) -> None:
@@ -212,6 +281,38 @@ def _read_caption(image_path: Path, default_prompt: str) -> str:
     return caption or default_prompt
 
 
+def check_caption_lengths(
+    tokenizer, records: list[ImageRecord], prompts: dict[str, str | None], *, strict: bool = False
+) -> None:
+    """Warn (or with `strict`, stop) for every caption or prompt the text encoder would cut at its token limit.
+
+    The subject token often comes last ("..., a photo of sks dog"), so a cut caption silently trains without it.
+    """
+    limit = tokenizer.model_max_length
+    sources = {}
+    for record in records:
+        caption = record.path.with_suffix(".txt")
+        sources.setdefault(record.prompt, str(caption) if caption.is_file() else "--instance-prompt/--class-prompt")
+    sources.update({prompt: option for option, prompt in prompts.items() if prompt})
+    problems = []
+    for number, (prompt, source) in enumerate(sources.items()):
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+        if number == 0:
+            logger.info("first caption: %d of %d tokens (%s)", len(ids), limit, source)
+        if len(ids) > limit:
+            lost = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+            lost = lost if len(lost) <= 40 else "..." + lost[-40:]
+            problems.append(
+                f"{source}: the caption is {len(ids)} tokens and the text encoder reads {limit}, "
+                f"so {lost!r} at its end is cut off; shorten it"
+            )
+    if problems and strict:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LoraDBError(f"{problems[0]}{more} (--strict)")
+    for problem in problems:
+        logger.warning("%s (--strict stops on this)", problem)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Augmentation and tensors
 
@@ -235,12 +336,9 @@ def prepare_image(
 
 
 def _resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
-    width, height = image.size
-    scale = resolution / min(width, height)
-    # max() keeps rounding from leaving the shorter side one pixel short of the crop.
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    check_resized_size(getattr(image, "filename", None) or "an image", image.size, resolution)
     # Pillow's resize widens the filter when shrinking, so it is antialiased.
-    return image.resize(size, Image.Resampling.BICUBIC)
+    return image.resize(resized_size(image.size, resolution), Image.Resampling.BICUBIC)
 
 
 def _crop_square(image: Image.Image, resolution: int, rng: random.Random | None) -> Image.Image:

@@ -23,6 +23,7 @@ the base, or a weighted combination) renders one row of DIR/grid.png, each image
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -46,9 +47,12 @@ from .adapters import (
     pipeline_component,
     read_adapter,
 )
-from .config import MixedPrecision, Quantization
+from .config import MAX_SEED, MixedPrecision, Quantization, check_numbers
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json, atomic_write_text
+from .locks import output_lock
+
+logger = logging.getLogger("lora_db")
 
 ADAPTER_NAME = r"[0-9A-Za-z_-]+"  # peft keeps adapters in ModuleDicts, whose keys cannot hold dots
 SAMPLE_MARKER = "sample.json"
@@ -152,6 +156,7 @@ def load_pipeline(
     pipe.lora_adapters = AdapterSet(pipe)
     adapters_by_path = {file.path: file for file in files}
     weights = {pipe.lora_adapters.load(adapters_by_path[c.path]): c.weight for c in choices if c.path is not None}
+    warn_other_base(model, pipe.lora_adapters.files.values())
     pipe.lora_adapters.activate(weights)
     return pipe
 
@@ -170,9 +175,9 @@ def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.
 # -- lora-db sample -------------------------------------------------------------------------------------------------
 
 
-def _opt(default, help: str):
+def _opt(default, help: str, **limits):
     factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help})
+    return field(**factory, metadata={"help": help, **limits})
 
 
 @dataclass
@@ -186,12 +191,12 @@ class SampleConfig:
     )
     prompts: list[str] = _opt(list, "Prompt to sample (t2i); repeatable, one grid column set each.")
     prompts_file: Path | None = _opt(None, "Text file of prompts, one a line (blank lines skipped).")
-    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.")
-    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.")
-    num_inference_steps: int = _opt(25, "Denoising steps per sample.")
+    num_images: int = _opt(1, "Images (or captions) per prompt and adapter; image i uses seed + i.", minimum=1)
+    seed: int = _opt(0, "Seed of the first image: same seed and adapter, same image.", minimum=0, maximum=MAX_SEED)
+    num_inference_steps: int = _opt(25, "Denoising steps per sample.", minimum=1)
     guidance_scale: float = _opt(8.0, "Classifier-free guidance scale.")
-    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).")
-    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).")
+    height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).", minimum=8)
+    width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).", minimum=8)
     mixed_precision: MixedPrecision = _opt("no", "Load the weights in fp16 (GPU) or bf16.")
     quantize_base: Quantization = _opt(
         "none", "Sample on a 4-bit NF4 or 8-bit base (bitsandbytes), as `lora-db train --quantize-base` trains."
@@ -202,15 +207,11 @@ class SampleConfig:
     overwrite: bool = _opt(False, "Replace --out if it holds an earlier `lora-db sample` output.")
 
     def __post_init__(self) -> None:
-        if self.out is None:
+        if self.out is None or not str(self.out).strip():
             raise LoraDBError("--out is required: the folder to write the samples into")
         self.out = Path(self.out)
         self.choices = [WeightedAdapter.parse(text) for text in self.adapters] or [WeightedAdapter(None)]
-        for name in ("num_images", "num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise LoraDBError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not math.isfinite(self.guidance_scale):
-            raise LoraDBError(f"--guidance-scale must be a finite number (got {self.guidance_scale})")
+        check_numbers(self)
         if self.mode == "i2t" and (self.prompts or self.prompts_file):
             raise LoraDBError("--prompt and --prompts-file are for --mode t2i; i2t captions --image")
         if self.mode == "t2i" and not (self.prompts or self.prompts_file):
@@ -270,13 +271,33 @@ def plan_rows(choices: Sequence[WeightedAdapter], names: Mapping[Path, str], com
 
 
 def resolve_model(model: str | None, adapters: Iterable[AdapterFile]) -> str:
+    adapters = list(adapters)
     if model:
+        warn_other_base(model, adapters)
         return model
     bases = {a.metadata.get("base_model", "") for a in adapters} - {""}
     if len(bases) != 1:
         found = f"they name {', '.join(sorted(bases))}" if bases else "none names one"
         raise LoraDBError(f"--model is required: the adapters' metadata gives no single base model ({found})")
     return bases.pop()
+
+
+def _same_model(a: str, b: str) -> bool:
+    # A hub id and a local copy of it (`hf download thu-ml/unidiffuser-v1 --local-dir unidiffuser-v1`) match.
+    return a.rstrip("/") == b.rstrip("/") or Path(a.rstrip("/")).name == Path(b.rstrip("/")).name
+
+
+def warn_other_base(model: str, adapters: Iterable[AdapterFile]) -> None:
+    """One warning line per adapter whose metadata names another base model than the one it is applied to."""
+    for adapter in adapters:
+        base = adapter.metadata.get("base_model", "")
+        if base and not _same_model(base, model):
+            logger.warning(
+                "%s was trained on %s, not %s: its layers may fit, but what it learned may not carry over",
+                adapter.path,
+                base,
+                model,
+            )
 
 
 def check_output_folder(out: Path, overwrite: bool, marker: str) -> None:
@@ -321,10 +342,7 @@ class SampleResult:
 
 def sample(config: SampleConfig) -> SampleResult:
     """`lora-db sample`: every check first, then the base once, each adapter once, then one row per adapter."""
-    from tqdm.auto import tqdm
-
     from .memory import check_mixed_precision, weight_dtype
-    from .models import load_pipeline as load_base
 
     files = {c.path: read_adapter(c.path) for c in config.choices if c.path is not None}
     model = resolve_model(config.model, files.values())
@@ -338,8 +356,18 @@ def sample(config: SampleConfig) -> SampleResult:
 
         check_quantization(config.quantize_base, device, dtype)
     check_size(config, model)
-    check_output_folder(config.out, config.overwrite, SAMPLE_MARKER)
+    with output_lock(config.out, "--out", inside=False):
+        check_output_folder(config.out, config.overwrite, SAMPLE_MARKER)
+        return _sample(config, files, model, prompts, image, device)
 
+
+def _sample(config: SampleConfig, files, model: str, prompts: list[str], image, device) -> SampleResult:
+    from tqdm.auto import tqdm
+
+    from .memory import weight_dtype
+    from .models import load_pipeline as load_base
+
+    dtype = weight_dtype(config.mixed_precision)
     started = time.perf_counter()
     pipe = load_base(model, torch_dtype=dtype)
     quantize_for(pipe, files.values(), config.quantize_base, dtype, device)

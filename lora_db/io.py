@@ -1,7 +1,10 @@
 """Atomic file writes: a file or folder either appears whole under its final name or not at all.
 
 Everything is written under a temporary name in the destination folder, flushed to disk with fsync, then
-renamed with `os.replace`, so a crash, a SIGKILL or a full disk leaves the previous version intact.
+renamed with `os.replace`, so a crash, a SIGKILL or a full disk leaves the previous version intact. The final
+files get the permissions `open()` would give them (0666 / 0777 less the umask), not the private 0600 / 0700 of
+temporary files. A write error of any library (safetensors reports a full disk as a `SafetensorError`) becomes one
+line that says what happened and which file.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,12 +40,67 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def _explain_os_error(err: OSError, path: Path) -> LoraDBError:
-    if err.errno == errno.ENOSPC:
-        return LoraDBError(f"no space left on the device while writing {path}: free some space and run again")
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    with _umask_lock:  # reading the umask means setting it: keep other threads from seeing the interim value
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _as_created_by_open(path: Path, directory: bool) -> None:
+    """mkstemp / mkdtemp create private files and folders; give them what `open()` / `mkdir()` would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+class DiskFullError(LoraDBError):
+    """No space left while writing a file: the message names the file."""
+
+
+_OS_ERROR_CODE = re.compile(r"os error (\d+)|code: (\d+)")
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The OSError behind a write failure, also when a library reports it in its own exception type.
+
+    safetensors raises `SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')`
+    for a full disk.
+    """
+    if isinstance(err, OSError):
+        return err
+    if type(err).__name__ == "SafetensorError":
+        match = _OS_ERROR_CODE.search(str(err))
+        if match:
+            code = int(match.group(1) or match.group(2))
+            return OSError(code, os.strerror(code))
+    return None
+
+
+def explain_os_error(err: OSError, path: str | os.PathLike) -> LoraDBError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"the disk is full (no space left) while writing {path}: free some space and run again")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return LoraDBError(f"cannot write {path}: the folder is read-only; choose a writable --output-dir")
+        return LoraDBError(f"cannot write {path}: permission denied or read-only; choose a writable folder")
     return LoraDBError(f"cannot write {path}: {err.strerror or err}")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a metrics record); on failure the file is cut back to what it held, never half a line."""
+    path = Path(path)
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            size = f.tell()
+            try:
+                f.write(line + "\n")
+                f.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(size)
+                raise
+    except OSError as err:
+        raise explain_os_error(err, path) from err
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -51,19 +111,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as err:
-        raise _explain_os_error(err, path) from err
+        raise explain_os_error(err, path) from err
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        _as_created_by_open(tmp_path, directory=False)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
-    except OSError as err:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
-        raise _explain_os_error(err, path) from err
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        os_error = os_error_of(err)
+        if os_error is not None:
+            raise explain_os_error(os_error, path) from err
         raise
     return path
 
@@ -87,9 +148,10 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as err:
-        raise _explain_os_error(err, path) from err
+        raise explain_os_error(err, path) from err
     try:
         yield tmp
+        _as_created_by_open(tmp, directory=True)
         _fsync_tree(tmp)
         if path.exists():
             if not replace:
@@ -102,9 +164,17 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _explain_os_error(err, path) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os_error = os_error_of(err)
+        if os_error is not None:
+            raise explain_os_error(os_error, _name_in(path, tmp, err)) from err
         raise
+
+
+def _name_in(path: Path, tmp: Path, err: BaseException) -> Path:
+    """The file inside `path` that failed, when the error names one in the temporary folder; else `path`."""
+    filename = getattr(err, "filename", None)
+    if filename and str(filename).startswith(str(tmp)):
+        return path / Path(filename).relative_to(tmp)
+    return path

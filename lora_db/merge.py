@@ -38,8 +38,10 @@ from .adapters import (
     read_adapter,
     save_adapter,
 )
+from .config import check_numbers
 from .errors import LoraDBError
 from .io import atomic_directory, atomic_write_json
+from .locks import output_lock
 
 logger = logging.getLogger("lora_db")
 
@@ -49,9 +51,9 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 Weighted = Sequence[tuple[AdapterFile, float]]
 
 
-def _opt(default, help: str):
+def _opt(default, help: str, **limits):
     factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help})
+    return field(**factory, metadata={"help": help, **limits})
 
 
 @dataclass
@@ -62,7 +64,9 @@ class MergeConfig:
     model: str | None = _opt(
         None, "Base model (hub id, folder, `tiny`); defaults to the one the adapters were trained on."
     )
-    rank: int | None = _opt(None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.")
+    rank: int | None = _opt(
+        None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.", minimum=1
+    )
     save_dtype: Literal["fp32", "fp16", "bf16"] = _opt("fp32", "dtype of the merged pipeline's weights.")
     overwrite: bool = _opt(False, "Replace an output lora-db wrote before.")
 
@@ -76,8 +80,10 @@ class MergeConfig:
             raise LoraDBError("give one of --out DIR (a merged pipeline) or --into-adapter FILE (one adapter)")
         if self.rank is not None and self.into_adapter is None:
             raise LoraDBError("--rank goes with --into-adapter (an SVD of the combined adapter)")
-        if self.rank is not None and self.rank < 1:
-            raise LoraDBError(f"--rank must be at least 1 (got {self.rank})")
+        check_numbers(self)
+        for name in ("out", "into_adapter"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise LoraDBError(f"--{name.replace('_', '-')} is empty; name a folder or file")
         if self.into_adapter is not None and Path(self.into_adapter).suffix != ".safetensors":
             raise LoraDBError(f"--into-adapter {self.into_adapter}: adapter files end in .safetensors")
         self.out = Path(self.out) if self.out is not None else None
@@ -154,11 +160,17 @@ def read_weighted(config: MergeConfig) -> list[tuple[AdapterFile, float]]:
 def merge(config: MergeConfig) -> MergeResult:
     """`lora-db merge --out`: load the base, fold the adapters in, save a stock diffusers pipeline atomically."""
     from .inference import check_output_folder, resolve_model
-    from .models import load_pipeline
 
     adapters = read_weighted(config)
     model = resolve_model(config.model, (a for a, _ in adapters))
-    check_output_folder(config.out, config.overwrite, MERGE_MARKER)
+    with output_lock(config.out, "--out", inside=False):
+        check_output_folder(config.out, config.overwrite, MERGE_MARKER)
+        return _merge(config, adapters, model)
+
+
+def _merge(config: MergeConfig, adapters: list[tuple[AdapterFile, float]], model: str) -> MergeResult:
+    from .models import load_pipeline
+
     started = time.perf_counter()
     pipe = load_pipeline(model)
     base_load_s = time.perf_counter() - started
@@ -271,6 +283,11 @@ def best_low_rank(
 def write_combined(config: MergeConfig) -> MergeResult:
     """`lora-db merge --into-adapter`: the adapters' weighted sum as one adapter file (no model loaded)."""
     path = config.into_adapter
+    with output_lock(path, "--into-adapter", inside=False):
+        return _write_combined(config, path)
+
+
+def _write_combined(config: MergeConfig, path: Path) -> MergeResult:
     if path.exists() and not config.overwrite:
         raise LoraDBError(f"--into-adapter {path} already exists; choose another file, or pass --overwrite")
     adapters = read_weighted(config)

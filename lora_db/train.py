@@ -17,7 +17,9 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -27,14 +29,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .adapters import LoraSpec, inject_lora, lora_state_dict, save_adapter
+from .adapters import LoraSpec, check_rank, inject_lora, lora_state_dict, save_adapter
 from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .class_images import describe as describe_class_images
 from .class_images import generate_class_images, plan_class_images
 from .config import TEXT_ENCODER_TARGETS, TrainConfig
-from .data import ImageRecord, batch_indices, scan_images
+from .data import ImageRecord, batch_indices, check_caption_lengths, scan_images
 from .errors import LoraDBError
-from .io import atomic_directory, atomic_write_json, atomic_write_text
+from .io import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text
+from .locks import output_lock
 from .memory import (
     check_attention_backend,
     check_mixed_precision,
@@ -53,13 +56,16 @@ from .memory import (
 from .models import check_resolution, load_pipeline, load_unet_config, native_resolution
 from .objective import ExampleSource, PromptEncoder, dreambooth_loss, example_source
 from .quantize import check_quantization, quantize_pipeline
+from .resume import ABANDONED_DIR, RUN_RECORD, check_resume, data_digest, retire_later_checkpoints, run_record
 from .sampling import generate_images, image_grid, save_png
+from .stopping import StopRequest, TrainingInterrupted, stop_on_signals
 
 logger = logging.getLogger("lora_db")
 
 ADAPTER_FILE = "adapter.safetensors"
 METRICS_FILE = "metrics.jsonl"
-RUN_FILES = (ADAPTER_FILE, METRICS_FILE, "config.json", "summary.json", "unet")
+RUN_FILES = (ADAPTER_FILE, METRICS_FILE, "config.json", "summary.json", "unet", ABANDONED_DIR)
+FINAL_OUTPUTS = (ADAPTER_FILE, "unet", "summary.json")
 
 
 @dataclass
@@ -106,14 +112,17 @@ def check_output_dir(config: TrainConfig) -> None:
     output_dir = config.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise LoraDBError(f"--output-dir {output_dir} is a file; choose a folder")
-    holds_run = output_dir.is_dir() and (
-        any((output_dir / name).exists() for name in RUN_FILES) or list_checkpoints(output_dir)
-    )
+    checkpoints = list_checkpoints(output_dir)
+    holds_run = output_dir.is_dir() and (any((output_dir / name).exists() for name in RUN_FILES) or checkpoints)
     if holds_run and not (config.resume_from_checkpoint or config.overwrite):
-        raise LoraDBError(
-            f"--output-dir {output_dir} already holds a run; continue it with --resume-from-checkpoint latest, "
-            "start afresh with --overwrite, or choose another folder"
+        finished = not checkpoints and any((output_dir / name).exists() for name in FINAL_OUTPUTS)
+        advice = (
+            "it has no checkpoint to continue from: start afresh with --overwrite, or choose another folder"
+            if finished
+            else "continue it with --resume-from-checkpoint latest, start afresh with --overwrite, or choose another "
+            "folder"
         )
+        raise LoraDBError(f"--output-dir {output_dir} already holds a run; {advice}")
 
 
 def _clear_previous_run(output_dir: Path) -> None:
@@ -161,16 +170,19 @@ def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageReco
         if plan.missing:
             from tqdm.auto import tqdm
 
-            with tqdm(total=plan.missing, desc="class images", unit="img") as bar:
-                generate_class_images(
-                    pipe,
-                    plan,
-                    seed=config.seed,
-                    num_inference_steps=config.class_generation_steps,
-                    batch_size=config.class_generation_batch_size,
-                    autocast=accelerator.autocast,
-                    on_batch=bar.update,
-                )
+            # Runs sharing a class folder take turns: the manifest and the images are written by one at a time.
+            with output_lock(config.class_dir, "--class-dir", wait=True):
+                plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+                with tqdm(total=plan.missing, desc="class images", unit="img", disable=not plan.missing) as bar:
+                    generate_class_images(
+                        pipe,
+                        plan,
+                        seed=config.seed,
+                        num_inference_steps=config.class_generation_steps,
+                        batch_size=config.class_generation_batch_size,
+                        autocast=accelerator.autocast,
+                        on_batch=bar.update,
+                    )
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # the main process generated them: read the folder as it is now
         plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
@@ -199,9 +211,11 @@ def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.de
     trained: dict[str, nn.Module] = {"unet": unet}
     if config.method == "lora":
         specs["unet"] = LoraSpec(config.rank, config.lora_alpha, tuple(config.target_modules), config.lora_dropout)
+        check_rank(unet, specs["unet"], "U-ViT")
         inject_lora(unet, specs["unet"])
         if config.train_text_encoder:
             specs["text_encoder"] = LoraSpec(config.rank, config.lora_alpha, TEXT_ENCODER_TARGETS, config.lora_dropout)
+            check_rank(text_encoder, specs["text_encoder"], "text encoder")
             inject_lora(text_encoder, specs["text_encoder"])
             trained["text_encoder"] = text_encoder
     else:
@@ -408,6 +422,8 @@ class Run:
     wrapped: dict[str, nn.Module]  # what accelerate returned for each trained module: call these, not the originals
     generator: torch.Generator
     setup_memory_bytes: int = 0
+    steps_done: int = 0
+    output_path: Path | None = None  # the adapter (or U-ViT folder) once written
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -433,6 +449,12 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     quantize_base(config, pipe, dtype, device)  # before the rest moves: never the whole bf16 U-ViT on the device
     pipe.to(device)
     class_records = setup_class_images(config, pipe, accelerator) if config.with_prior_preservation else []
+    check_caption_lengths(
+        pipe.clip_tokenizer,
+        instance_records + class_records,
+        {"--validation-prompt": config.validation_prompt},
+        strict=config.strict,
+    )
 
     torch.manual_seed(config.seed)  # LoRA initialisation
     models = setup_models(config, pipe, dtype, device)
@@ -557,22 +579,41 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
 
 
-def resume(run: Run) -> int:
-    """Restore the checkpoint named by --resume-from-checkpoint; returns the step to continue from."""
-    config = run.config
+def plan_resume(config: TrainConfig) -> Path | None:
+    """Before anything is written: the checkpoint to continue from (None: a new run), refused if it cannot be."""
+    if not config.resume_from_checkpoint:
+        return None
     checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
-    step = 0
     if checkpoint is None:
+        finished = [name for name in FINAL_OUTPUTS if (config.output_dir / name).exists()]
+        if finished:
+            raise LoraDBError(
+                f"--resume-from-checkpoint {config.resume_from_checkpoint}: {config.output_dir} holds a finished run "
+                f"({finished[0]}) and no checkpoint to continue it from; start afresh with --overwrite or choose "
+                "another --output-dir (with --checkpointing-steps a finished run can be trained further)"
+            )
         logger.warning("no checkpoint in %s yet: starting a new run", config.output_dir)
-    else:
+        return None
+    check_resume(config, checkpoint)
+    return checkpoint
+
+
+def resume(run: Run, checkpoint: Path | None) -> int:
+    """Restore `checkpoint` (checked by plan_resume); returns the step to continue from."""
+    config = run.config
+    step = 0
+    if checkpoint is not None:
         step = restore(checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator)
         logger.info("resumed from %s at step %d", checkpoint, step)
+        if config.lr_scheduler != "constant":
+            logger.info("the %s learning-rate schedule spans %d steps", config.lr_scheduler, config.max_train_steps)
     if run.accelerator.is_main_process:
         truncate_metrics(config.output_dir / METRICS_FILE, step)
+        retire_later_checkpoints(config.output_dir, step)
     return step
 
 
-def checkpoint(run: Run, step: int) -> Path | None:
+def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
     rng = rng_state(run.generator, run.accelerator)  # a collective: every process takes part
     if not run.accelerator.is_main_process:
         return None
@@ -584,50 +625,58 @@ def checkpoint(run: Run, step: int) -> Path | None:
         rng,
         scaler_state(run.accelerator),
     )
-    return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit)
+    records = {RUN_RECORD: record} if record is not None else None
+    return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit, records)
 
 
-class TrainingInterrupted(LoraDBError):
-    """Ctrl-C during training: the run was checkpointed and can be resumed."""
-
-    exit_code = 130
-
-
-@contextlib.contextmanager
-def stop_on_sigint():
-    """A first Ctrl-C asks the loop to stop after the current step; a second one stops at once."""
-    import signal
-    import threading
-
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handler(signum, frame):
-        if requested.is_set():
-            raise KeyboardInterrupt
-        requested.set()
-        logger.warning("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _is_main_launch_process() -> bool:
+    # torchrun and accelerate launch set RANK; the lock is the main process's before accelerate is set up.
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(config: TrainConfig) -> TrainResult:
-    config = check_before_loading(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    accelerator = setup_accelerator(config)
+    config.require_run_inputs()
+    lock = output_lock(config.output_dir, "--output-dir") if _is_main_launch_process() else contextlib.nullcontext()
+    with lock, stop_on_signals() as stop:
+        config = check_before_loading(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        start_from = plan_resume(config)
+        accelerator = setup_accelerator(config)
+        try:
+            return _train(config, accelerator, stop, start_from)
+        except BaseException as err:
+            # The failed frames' locals hold the DDP wrappers: let them go now, before the process group (see below).
+            traceback.clear_frames(err.__traceback__)
+            raise
+        finally:
+            release_distributed_state(accelerator)
+
+
+def rescue_weights(config: TrainConfig, models: Models, step: int, err: LoraDBError) -> LoraDBError:
+    """The disk is full: save the trained weights where there is room; say where they and the last checkpoint are."""
+    checkpoints = list_checkpoints(config.output_dir)
+    last = f"; the last checkpoint is {checkpoints[-1]}" if checkpoints else ""
     try:
-        return _train(config, accelerator)
-    except BaseException as err:
-        # The failed frames' locals hold the DDP wrappers: let them go now, before the process group (see below).
-        traceback.clear_frames(err.__traceback__)
-        raise
-    finally:
-        release_distributed_state(accelerator)
+        folder = Path(tempfile.mkdtemp(prefix="lora-db-rescue-"))
+        rescued = save_outputs(replace(config, output_dir=folder), models, step)
+    except (LoraDBError, OSError):
+        advice = (
+            "free some space and run the same command with --resume-from-checkpoint latest"
+            if checkpoints
+            else "the weights of this run could not be kept anywhere"
+        )
+        return DiskFullError(f"{err}{last}; {advice}")
+    return DiskFullError(
+        f"{err}; the weights trained so far (step {step}) were saved to {rescued} instead: move them into "
+        f"{config.output_dir} once there is room{last}"
+    )
+
+
+def stop_requested(stop: StopRequest, accelerator) -> bool:
+    """Whether any process received a stop signal (all of them must checkpoint together)."""
+    if accelerator.num_processes == 1:
+        return stop.is_set()
+    flag = torch.tensor(float(stop.is_set()), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def release_distributed_state(accelerator) -> None:
@@ -649,19 +698,32 @@ def release_distributed_state(accelerator) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _train(config: TrainConfig, accelerator) -> TrainResult:
-    device = accelerator.device
+def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path | None) -> TrainResult:
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     run = setup_run(config, accelerator)
-    metrics_path = config.output_dir / METRICS_FILE
+    record = None
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(config.output_dir)
         if config.overwrite:
             _clear_previous_run(config.output_dir)
         atomic_write_json(config.output_dir / "config.json", config.to_dict())
-    start_step = resume(run) if config.resume_from_checkpoint else 0
+        record = run_record(config, data_digest(config))
+    start_step = resume(run, start_from)
+    try:
+        return _loop(run, stop, start_step, record)
+    except DiskFullError as err:
+        if not accelerator.is_main_process or run.output_path is not None:
+            raise
+        raise rescue_weights(config, run.models, run.steps_done, err) from err
+
+
+def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> TrainResult:
+    config, accelerator = run.config, run.accelerator
+    device = accelerator.device
+    metrics_path = config.output_dir / METRICS_FILE
+    run.steps_done = start_step
     if accelerator.log_with:
         accelerator.init_trackers("lora-db")
     trainable = count_parameters(*run.models.trained.values(), trainable_only=True)
@@ -684,47 +746,52 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     validation_dir = None
     reset_peak_memory(device)
     step = start_step
-    with stop_on_sigint() as stop_requested:
-        while step < config.max_train_steps:
-            started = time.perf_counter()
-            try:
-                loss = optimizer_step(run, step).item()
-            except (RuntimeError, MemoryError) as err:
-                if not _is_out_of_memory(err):
-                    raise
-                raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
-            step += 1
-            losses.append(loss)
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": run.lr_scheduler.get_last_lr()[0],
-                "peak_memory_bytes": peak_memory_bytes(device),
-                "step_time_s": time.perf_counter() - started,
-            }
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if accelerator.log_with:
-                accelerator.log(record, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", peak=f"{record['peak_memory_bytes'] / 2**30:.2f}GiB")
+    stop.armed = True
+    while step < config.max_train_steps:
+        started = time.perf_counter()
+        try:
+            loss = optimizer_step(run, step).item()
+        except (RuntimeError, MemoryError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
+        step += 1
+        run.steps_done = step
+        losses.append(loss)
+        stop.step_s = time.perf_counter() - started
+        metrics = {
+            "step": step,
+            "loss": loss,
+            "lr": run.lr_scheduler.get_last_lr()[0],
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "step_time_s": stop.step_s,
+        }
+        if accelerator.is_main_process:
+            append_line(metrics_path, json.dumps(metrics))
+        if accelerator.log_with:
+            accelerator.log(metrics, step=step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", peak=f"{metrics['peak_memory_bytes'] / 2**30:.2f}GiB")
 
-            stopping = stop_requested.is_set()
-            if stopping or (config.checkpointing_steps and step % config.checkpointing_steps == 0):
-                saved = checkpoint(run, step)
-                if stopping:
-                    progress.close()
-                    raise TrainingInterrupted(
-                        f"interrupted at step {step}; checkpoint saved to {saved}; continue with the same command "
-                        "and --resume-from-checkpoint latest"
-                    )
-            is_last = step == config.max_train_steps
-            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
-                if accelerator.is_main_process:
-                    validation_dir = run_validation(config, run.models, accelerator, step)
-                    release_idle_modules(config, run.models.pipe)
-                accelerator.wait_for_everyone()
+        stopping = stop_requested(stop, accelerator)
+        if stopping or (config.checkpointing_steps and step % config.checkpointing_steps == 0):
+            started = time.perf_counter()
+            saved = checkpoint(run, step, record)
+            stop.note_checkpoint(time.perf_counter() - started, saved)
+            if stopping:
+                progress.close()
+                raise TrainingInterrupted(
+                    f"stopped by {stop.name or 'a signal to another process'} at step {step}; checkpoint saved to "
+                    f"{saved} in {stop.checkpoint_s:.1f} s; continue with the same command and "
+                    "--resume-from-checkpoint latest",
+                    stop.signum or 15,
+                )
+        is_last = step == config.max_train_steps
+        if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+            if accelerator.is_main_process:
+                validation_dir = run_validation(config, run.models, accelerator, step)
+                release_idle_modules(config, run.models.pipe)
+            accelerator.wait_for_everyone()
     progress.close()
 
     adapter_path = None
@@ -738,7 +805,7 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        adapter_path = save_outputs(config, run.models, step)
+        adapter_path = run.output_path = save_outputs(config, run.models, step)
         atomic_write_json(
             config.output_dir / "summary.json",
             {
