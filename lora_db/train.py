@@ -14,6 +14,7 @@ A run is: check options, load, set up models / data / optimizer, then the loop b
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -37,7 +38,7 @@ from .config import TEXT_ENCODER_TARGETS, TrainConfig
 from .data import ImageRecord, batch_indices, check_caption_lengths, scan_images
 from .errors import LoraDBError
 from .hub import check_hub_access, push_run
-from .io import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text
+from .io import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, explain_os_error
 from .locks import output_lock
 from .memory import (
     check_attention_backend,
@@ -726,10 +727,20 @@ def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path
     start_step = resume(run, start_from)
     try:
         return _loop(run, stop, start_step, record)
-    except DiskFullError as err:
-        if not accelerator.is_main_process or run.output_path is not None:
+    except (DiskFullError, OSError) as err:
+        # Also what a library writes for us (a tracker's event file) fills the disk: the same message, the same rescue.
+        full = err if isinstance(err, DiskFullError) else _disk_full(err, config.output_dir)
+        if full is None:
             raise
-        raise rescue_weights(config, run.models, run.steps_done, err) from err
+        if not accelerator.is_main_process or run.output_path is not None:
+            raise full from err
+        raise rescue_weights(config, run.models, run.steps_done, full) from err
+
+
+def _disk_full(err: OSError, output_dir: Path) -> DiskFullError | None:
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return explain_os_error(err, err.filename or output_dir)
 
 
 def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> TrainResult:
