@@ -88,6 +88,16 @@ CONFIGURATIONS = (
         prior=True,
     ),
     Configuration(
+        "lora-bf16-ckpt-8bit-cached-nf4",
+        "+ 4-bit NF4 frozen U-ViT (QLoRA)",
+        {**_LORA_BASE, "cache_latents": True, "quantize_base": "nf4"},
+    ),
+    Configuration(
+        "lora-bf16-ckpt-8bit-cached-int8",
+        "+ 8-bit frozen U-ViT (LLM.int8())",
+        {**_LORA_BASE, "cache_latents": True, "quantize_base": "int8"},
+    ),
+    Configuration(
         "lora-bf16-ckpt-8bit-cached-xformers",
         "+ xformers instead of SDPA",
         {**_LORA_BASE, "cache_latents": True, "attention": "xformers"},
@@ -366,6 +376,33 @@ def prepare_data(work: Path, images: int) -> dict:
     return {"instance": work / "instance", "class": work / "class", "images": images}
 
 
+def reestimate(out: Path, name: str, models: list[str], configs: dict[str, Configuration], images: int) -> None:
+    """Estimate the rows of an earlier run again with today's estimator; the measurements stay as they were."""
+    path = out / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no earlier results to re-estimate")
+    earlier = json.loads(path.read_text())
+    device = earlier["machine"]["device"]
+    with tempfile.TemporaryDirectory(prefix="lora-db-bench-") as tmp:
+        work = Path(tmp)
+        data = prepare_data(work, images)
+        for row in earlier["rows"]:
+            conf = configs.get(row["configuration"])
+            if row["model"] not in models or conf is None:
+                continue
+            print(f"[{row['model']}] {conf.name}: estimating again", flush=True)
+            config = train_config(row["model"], conf, data, work / "runs" / conf.name)
+            skipped = estimates(row, config, device, conf.gpu_only)
+            if skipped and row["status"] == "measured":
+                raise SystemExit(f"{conf.name}: {skipped}")
+            compare(row)
+            row["reestimated"] = True
+    for model in models:
+        earlier["commands"][model] += " && python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    for written in write_results(out, name, earlier["machine"], earlier["rows"], earlier["commands"]):
+        print(f"wrote {written}")
+
+
 # -- outputs -----------------------------------------------------------------------------------------------------
 
 
@@ -401,6 +438,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--glibc-malloc", action="store_true", help="measure with glibc's default malloc, which keeps freed memory"
     )
+    parser.add_argument(
+        "--reestimate",
+        action="store_true",
+        help="recompute the estimates (and errors) of the measured rows in OUT/NAME.json without training again",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -417,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     configs = [c for c in CONFIGURATIONS if not wanted or c.name in wanted]
     info = machine()
     name = args.name or info["device"]
+    if args.reestimate:
+        reestimate(args.out, name, models, {c.name: c for c in configs}, args.images)
+        return
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     kept, commands = earlier_results(args.out / f"{name}.json", models)
     commands.update(dict.fromkeys(models, command.strip()))

@@ -412,6 +412,7 @@ def describe_adapter(adapter: AdapterFile) -> dict[str, object]:
         "class_prompt": meta.get("class_prompt", ""),
         "steps": meta.get("steps", ""),
         "resolution": meta.get("resolution", ""),
+        "quantize_base": meta.get("quantize_base", ""),  # the frozen base's storage in training (QLoRA: nf4)
         "components": components,
         "parameters": adapter.num_parameters(),
     }

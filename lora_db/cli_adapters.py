@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import typer
 
 from .command_configs import MergeConfig, SampleConfig
-from .config import MixedPrecision
+from .config import MixedPrecision, Quantization
 
 
 def _option(cls: type, name: str, flag: str | None = None):
@@ -56,6 +56,7 @@ def sample_command(
     height: Annotated[int | None, _sample("height")] = _SAMPLE.height,
     width: Annotated[int | None, _sample("width")] = _SAMPLE.width,
     mixed_precision: Annotated[MixedPrecision, _sample("mixed_precision")] = _SAMPLE.mixed_precision,
+    quantize_base: Annotated[Quantization, _sample("quantize_base")] = _SAMPLE.quantize_base,
     mode: Annotated[Literal["t2i", "i2t"], _sample("mode")] = _SAMPLE.mode,
     image: Annotated[Path | None, _sample("image")] = _SAMPLE.image,
     combine: Annotated[bool, _sample("combine")] = _SAMPLE.combine,
@@ -81,6 +82,7 @@ def sample_command(
         height=height,
         width=width,
         mixed_precision=mixed_precision,
+        quantize_base=quantize_base,
         mode=mode,
         image=image,
         combine=combine,
@@ -178,6 +180,11 @@ def info_lines(info: dict) -> list[str]:
         if info["class_prompt"]:
             trained += f", prior {info['class_prompt']!r}"
         lines.append(f"trained       {trained}" + (f" at {info['resolution']} px" if info["resolution"] else ""))
+    if info.get("quantize_base") not in (None, "", "none"):
+        lines.append(
+            f"trained on    a {info['quantize_base']}-quantized base (QLoRA); merge folds it into the full-precision "
+            "base, or sample with --quantize-base " + info["quantize_base"]
+        )
     for source in info.get("combined_from", []):
         lines.append(f"combined from {source['path']} x{source['weight']:g} ({source['instance_prompt']!r})")
     if "combination" in info:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config import MAX_SEED, MixedPrecision, check_numbers
+from .config import MAX_SEED, MixedPrecision, Quantization, check_numbers
 from .errors import LoraDBError
 
 
@@ -67,6 +67,9 @@ class SampleConfig:
     height: int | None = _opt(None, "Image height in pixels: the model's native size (its only one).", minimum=8)
     width: int | None = _opt(None, "Image width in pixels: the model's native size (its only one).", minimum=8)
     mixed_precision: MixedPrecision = _opt("no", "Load the weights in fp16 (GPU) or bf16.")
+    quantize_base: Quantization = _opt(
+        "none", "Sample on a 4-bit NF4 or 8-bit base (bitsandbytes), as `lora-db train --quantize-base` trains."
+    )
     mode: Literal["t2i", "i2t"] = _opt("t2i", "t2i: images from prompts; i2t: captions of --image.")
     image: Path | None = _opt(None, "Image to caption in i2t mode.")
     combine: bool = _opt(False, "Apply all adapters at once, as their weighted sum (one row), instead of one each.")

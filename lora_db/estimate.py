@@ -9,11 +9,13 @@
 
 The pipeline is built on the meta device (shapes and dtypes, no weights) and turned into fake tensors
 (torch's FakeTensorMode: no memory, no arithmetic). Then the training code itself sets it up (`setup_models`:
-LoRA injection, dtypes, checkpointing, attention; `ExampleSource`, `PromptEncoder`, `release_encoders`,
+LoRA injection, dtypes, checkpointing, attention; `ExampleSource`, `PromptEncoder`, `release_idle_modules`,
 `setup_optimizer`) and two optimizer steps of `micro_batch_loss` + backward + clipping + optimizer step run under
 torch's MemTracker, which files every tensor as weights, gradients, optimizer state, activation or temporary and
 records the peak. Two steps, because Adam's states only exist from the first step on. The real-size model takes
-seconds on a CPU.
+seconds on a CPU. A quantized base (`--quantize-base`) is quantized by bitsandbytes' own code through its fake
+kernels, so packed weights and quantization constants are counted as training holds them; NF4's fused matmul op
+is traced through bitsandbytes' default implementation (dequantize the weight, then multiply), which the CPU runs.
 
 What it does not count: the CUDA context (printed beside the estimate, ~0.5 GiB), the caching allocator's slack
 (reserved minus allocated) and buffers kernels allocate inside themselves. The trace runs with CPU kernels and
@@ -37,6 +39,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _ModSt
 
 from .config import TrainConfig
 from .errors import LoraDBError
+from .quantize import check_quantization, quantization_tensors
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + kernels of torch on a current GPU; not counted by the allocator
@@ -241,6 +244,25 @@ def _host_tensors_stay_real_mode():
     return HostTensorsStayReal()
 
 
+def _bitsandbytes_4bit_matmul_mode(quantize_base: str):
+    """NF4's forward matmul is one op, `bitsandbytes::gemm_4bit`, whose fake kernel yields only the output. Its
+    CPU implementation (and its CUDA one for training-sized inputs on most GPUs) dequantizes the whole weight
+    first, then multiplies: trace bitsandbytes' own default implementation instead, so that the dequantized weight
+    is counted while the op holds it."""
+    if quantize_base != "nf4":
+        return contextlib.nullcontext()
+    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DequantizeThenMultiply(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.bitsandbytes.gemm_4bit.default:
+                return _gemm_4bit_default_impl(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    return DequantizeThenMultiply()
+
+
 # -- the estimate ------------------------------------------------------------------------------------------------
 
 
@@ -263,13 +285,14 @@ class _SingleProcess:
 
 def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfig, list[str]]:
     """The checks of `check_before_loading` that concern memory; returns the config with its resolution."""
-    from .memory import check_mixed_precision, check_optimizer
+    from .memory import check_mixed_precision, check_optimizer, weight_dtype
     from .models import check_resolution, load_unet_config, native_resolution
 
     if device not in ("cuda", "cpu"):
         raise LoraDBError(f"--device {device}: estimate for cuda or cpu")
     check_optimizer(config.optimizer)
     check_mixed_precision(config.mixed_precision, torch.device(device))
+    check_quantization(config.quantize_base, torch.device(device), weight_dtype(config.mixed_precision), probe=False)
     unet_config = load_unet_config(config.model)
     resolution = config.resolution or native_resolution(unet_config)
     check_resolution(resolution, unet_config, config.model)
@@ -300,9 +323,11 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
         cached = [t for source in run.sources for item in source.cache or [] for t in item]
         tracker.track_external(*(getattr(pipe, name) for name in COMPONENTS), run.optimizer, *cached)
         tracker.track_external(*run.prompts.cache.values())
+        # Quantization constants (absmax, scales) are attributes of bitsandbytes' weights, not parameters.
+        tracker.track_external(*(t for name in COMPONENTS for t in quantization_tensors(getattr(pipe, name))))
         setup_bytes = _device_total(tracker.get_tracker_snapshot("current"), traced)
         saved: dict[str, int] = {}
-        with mode, tracker, _host_tensors_stay_real_mode():
+        with mode, tracker, _host_tensors_stay_real_mode(), _bitsandbytes_4bit_matmul_mode(config.quantize_base):
             for step in range(_TRACED_STEPS):
                 _traced_step(run, step, tracker, saved)
     peak = tracker.get_tracker_snapshot("peak").get(traced, {})
@@ -330,7 +355,7 @@ def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scra
 
     from .memory import weight_dtype
     from .objective import PromptEncoder
-    from .train import Run, release_encoders, setup_models, setup_optimizer
+    from .train import Run, release_idle_modules, setup_models, setup_optimizer
 
     dtype = weight_dtype(config.mixed_precision)
     pipe = meta_pipeline(config.model)
@@ -342,8 +367,7 @@ def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scra
         prompts = PromptEncoder(pipe, traced, trainable=config.train_text_encoder)
         if not config.train_text_encoder:
             prompts.precompute({record.prompt for source in sources for record in source.dataset.records})
-        if config.cache_latents:
-            release_encoders(pipe, keep_for_sampling=False, text_encoder_too=not config.train_text_encoder)
+        release_idle_modules(replace(config, validation_prompt=None), pipe)  # what validation keeps is off the device
     optimizer, lr_scheduler = setup_optimizer(config, models)  # outside: bitsandbytes computes its maps here
     if device == "cuda" and config.optimizer == "adamw":
         # On CUDA tensors torch picks the foreach AdamW, whose update holds one temporary per trained weight.
@@ -444,12 +468,10 @@ def _components(pipe, optimizer, saved: dict[str, int]) -> dict[str, ComponentMe
     for name in COMPONENTS:
         module: nn.Module = getattr(pipe, name)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        weights = _storage_bytes([*module.parameters(), *module.buffers()])
+        weights = _storage_bytes([*module.parameters(), *module.buffers(), *quantization_tensors(module)])
         if weights == 0:
-            encoded = "prompts" if name == "text_encoder" else "images"
-            parts[name] = ComponentMemory(
-                resident=False, note=f"--cache-latents: {encoded} encoded once, then released"
-            )
+            released = "prompts encoded once" if name == "text_encoder" else "--cache-latents: images encoded once"
+            parts[name] = ComponentMemory(resident=False, note=f"{released}, then released")
             continue
         parts[name] = ComponentMemory(
             weights=weights,

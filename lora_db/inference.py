@@ -138,22 +138,39 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(model: str, adapters: Iterable[str | Path] = (), *, torch_dtype=None, device=None):
+def load_pipeline(
+    model: str, adapters: Iterable[str | Path] = (), *, torch_dtype=None, device=None, quantize_base: str = "none"
+):
     """A diffusers `UniDiffuserPipeline` with `adapters` (`FILE[:WEIGHT]`) attached, all active at their weights.
 
     Switch them with `pipe.lora_adapters.activate({name: weight})` (an `AdapterSet`); names are in
-    `pipe.lora_adapters.names`.
+    `pipe.lora_adapters.names`. `quantize_base="nf4"` (or `"int8"`) samples on a quantized base, as QLoRA trains.
     """
     from .models import load_pipeline as load_base
 
     choices = [WeightedAdapter.parse(str(text)) for text in adapters]
+    device = torch.device(device) if device is not None else default_device()
+    files = [read_adapter(c.path) for c in choices if c.path is not None]
     pipe = load_base(model, torch_dtype=torch_dtype)
-    pipe.to(device or default_device())
+    quantize_for(pipe, files, quantize_base, torch_dtype or torch.float32, device)
+    pipe.to(device)
     pipe.lora_adapters = AdapterSet(pipe)
-    weights = {pipe.lora_adapters.load(c.path): c.weight for c in choices if c.path is not None}
+    adapters_by_path = {file.path: file for file in files}
+    weights = {pipe.lora_adapters.load(adapters_by_path[c.path]): c.weight for c in choices if c.path is not None}
     warn_other_base(model, pipe.lora_adapters.files.values())
     pipe.lora_adapters.activate(weights)
     return pipe
+
+
+def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Quantize the base before any adapter is injected: the U-ViT, and the text encoder if an adapter trained it."""
+    from .quantize import check_quantization, quantize_pipeline
+
+    if kind == "none":
+        return
+    check_quantization(kind, device, dtype)
+    text_encoder = any("text_encoder" in adapter.specs for adapter in adapters)
+    quantize_pipeline(pipe, kind, dtype, device, text_encoder=text_encoder)
 
 
 # -- lora-db sample -------------------------------------------------------------------------------------------------
@@ -269,7 +286,7 @@ class SampleResult:
 
 def sample(config: SampleConfig) -> SampleResult:
     """`lora-db sample`: every check first, then the base once, each adapter once, then one row per adapter."""
-    from .memory import check_mixed_precision
+    from .memory import check_mixed_precision, weight_dtype
 
     files = {c.path: read_adapter(c.path) for c in config.choices if c.path is not None}
     if config.combine:
@@ -279,6 +296,11 @@ def sample(config: SampleConfig) -> SampleResult:
     image = _read_image(config.image) if config.mode == "i2t" else None
     device = default_device()
     check_mixed_precision(config.mixed_precision, device)
+    dtype = weight_dtype(config.mixed_precision)
+    if config.quantize_base != "none":
+        from .quantize import check_quantization
+
+        check_quantization(config.quantize_base, device, dtype)
     check_size(config, model)
     with output_lock(config.out, "--out", inside=False):
         check_output_folder(config.out, config.overwrite, SAMPLE_MARKER)
@@ -291,8 +313,10 @@ def _sample(config: SampleConfig, files, model: str, prompts: list[str], image, 
     from .memory import weight_dtype
     from .models import load_pipeline as load_base
 
+    dtype = weight_dtype(config.mixed_precision)
     started = time.perf_counter()
-    pipe = load_base(model, torch_dtype=weight_dtype(config.mixed_precision))
+    pipe = load_base(model, torch_dtype=dtype)
+    quantize_for(pipe, files.values(), config.quantize_base, dtype, device)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     result = SampleResult(config.out, [], base_load_s=time.perf_counter() - started)
@@ -403,6 +427,6 @@ def _write_records(folder: Path, config: SampleConfig, model: str, prompts, rows
         "timings_s": {"base_load": result.base_load_s, "adapter_load": result.adapter_load_s},
     }
     record["timings_s"]["switches"] = result.switch_s
-    for name in ("seed", "num_images", "num_inference_steps", "guidance_scale", "mixed_precision"):
+    for name in ("seed", "num_images", "num_inference_steps", "guidance_scale", "mixed_precision", "quantize_base"):
         record[name] = getattr(config, name)
     atomic_write_json(folder / SAMPLE_MARKER, record)

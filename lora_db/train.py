@@ -57,6 +57,7 @@ from .memory import (
 from .model_card import write_model_card
 from .models import check_resolution, load_pipeline, load_unet_config, native_resolution
 from .objective import ExampleSource, PromptEncoder, dreambooth_loss, example_source
+from .quantize import check_quantization, quantize_pipeline
 from .resume import ABANDONED_DIR, RUN_RECORD, check_resume, data_digest, retire_later_checkpoints, run_record
 from .sampling import generate_images, image_grid, save_png
 from .stopping import StopRequest, TrainingInterrupted, stop_on_signals
@@ -106,6 +107,7 @@ def check_before_loading(config: TrainConfig, device: torch.device) -> TrainConf
     resolve_tracker(config.report_to)
     if config.push_to_hub:
         check_hub_access(config.push_to_hub)
+    check_quantization(config.quantize_base, device, weight_dtype(config.mixed_precision))
     unet_config = load_unet_config(config.model)
     resolution = config.resolution or native_resolution(unet_config)
     check_resolution(resolution, unet_config, config.model)
@@ -198,10 +200,17 @@ def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageReco
     )
 
 
+def quantize_base(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> None:
+    """--quantize-base: the U-ViT (and a trained text encoder) quantized layer by layer onto the device."""
+    quantize_pipeline(pipe, config.quantize_base, dtype, device, text_encoder=config.train_text_encoder)
+
+
 def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> Models:
     unet, text_encoder = pipe.unet, pipe.text_encoder
     for module in (pipe.vae, text_encoder, pipe.image_encoder, pipe.text_decoder, unet):
         module.requires_grad_(False)
+    pipe.to(device=device, dtype=dtype)
+    quantize_base(config, pipe, dtype, device)  # before LoRA: peft then picks its bitsandbytes LoRA layers
     specs: dict[str, LoraSpec] = {}
     trained: dict[str, nn.Module] = {"unet": unet}
     if config.method == "lora":
@@ -217,7 +226,6 @@ def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.de
             load_init_adapter(config, specs, trained)
     else:
         unet.requires_grad_(True)
-    pipe.to(device=device, dtype=dtype)
     upcast_trainable(*trained.values())
     set_attention_backend(unet, config.attention)
     if config.gradient_checkpointing:
@@ -229,15 +237,24 @@ def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.de
     return Models(pipe=pipe, unet=unet, text_encoder=text_encoder, specs=specs, trained=trained)
 
 
-def release_encoders(pipe, keep_for_sampling: bool, text_encoder_too: bool) -> None:
-    """After caching: move the VAE / image encoder off the device, or drop them when nothing samples later."""
-    names = ["vae", "image_encoder"] + (["text_encoder"] if text_encoder_too else [])
-    for name in names:
-        module = getattr(pipe, name)
-        if keep_for_sampling:
-            module.to("cpu")
-        else:
-            module.to("meta")
+def idle_modules(config: TrainConfig, pipe) -> list[nn.Module]:
+    """What the loop never calls: the caption decoder's GPT-2 (a step and t2i sampling use only its 768->64
+    prefix projection), the VAE and image encoder once latents are cached, and the text encoder when it is not
+    trained (every prompt is encoded once, before the loop)."""
+    decoder = pipe.text_decoder
+    idle = [decoder.transformer, decoder.decode_prefix]
+    if config.cache_latents:
+        idle += [pipe.vae, pipe.image_encoder]
+    if not config.train_text_encoder:
+        idle.append(pipe.text_encoder)
+    return idle
+
+
+def release_idle_modules(config: TrainConfig, pipe) -> None:
+    """Nothing idle on the device: what validation samples with goes to the CPU, everything else is dropped."""
+    sampling = {pipe.vae, pipe.image_encoder, pipe.text_encoder} if config.validation_prompt else set()
+    for module in idle_modules(config, pipe):
+        module.to("cpu" if module in sampling else "meta")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -355,6 +372,7 @@ def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
         "class_prompt": config.class_prompt or "",
         "steps": str(step),
         "resolution": str(config.resolution),
+        "quantize_base": config.quantize_base,
         "lora_db_version": __version__,
     }
 
@@ -373,7 +391,7 @@ def run_validation(config: TrainConfig, models: Models, accelerator, step: int) 
     folder = config.output_dir / "validation"
     for module in models.trained.values():
         module.eval()
-    for name in ("vae", "image_encoder", "text_encoder"):
+    for name in ("vae", "text_encoder"):  # what t2i sampling calls; the image encoder and GPT-2 it does not
         getattr(models.pipe, name).to(accelerator.device)
     images = generate_images(
         models.pipe,
@@ -439,6 +457,7 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     set_seed(config.seed)
     pipe = load_pipeline(config.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    quantize_base(config, pipe, dtype, device)  # before the rest moves: never the whole bf16 U-ViT on the device
     pipe.to(device)
     class_records = setup_class_images(config, pipe, accelerator) if config.with_prior_preservation else []
     check_caption_lengths(
@@ -460,10 +479,7 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder, text_encoder=wrapped.get("text_encoder"))
     if not config.train_text_encoder:
         prompts.precompute({r.prompt for r in instance_records + class_records})
-    if config.cache_latents:
-        release_encoders(
-            pipe, keep_for_sampling=config.validation_prompt is not None, text_encoder_too=not config.train_text_encoder
-        )
+    release_idle_modules(config, pipe)
     generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + accelerator.process_index)
     return Run(
         config=config,
@@ -562,6 +578,7 @@ def memory_advice(config: TrainConfig) -> str:
         (not config.gradient_checkpointing, "--gradient-checkpointing"),
         (config.optimizer == "adamw", "--optimizer adamw8bit"),
         (not config.cache_latents and not (config.random_crop or config.random_flip), "--cache-latents"),
+        (config.method == "lora" and config.quantize_base == "none", "--quantize-base nf4"),
         (config.train_batch_size > 1, "a smaller --train-batch-size with --gradient-accumulation-steps"),
     ]
     options = [option for applies, option in unused if applies]
@@ -790,10 +807,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
         if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
             if accelerator.is_main_process:
                 validation_dir = run_validation(config, run.models, accelerator, step)
-                if config.cache_latents:
-                    release_encoders(
-                        run.models.pipe, keep_for_sampling=True, text_encoder_too=not config.train_text_encoder
-                    )
+                release_idle_modules(config, run.models.pipe)
             accelerator.wait_for_everyone()
     progress.close()
 

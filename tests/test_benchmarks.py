@@ -38,6 +38,18 @@ def test_memory_benchmark_writes_table_chart_and_rows(tmp_path):
     with Image.open(tmp_path / "smoke.png") as chart:
         assert chart.width >= 800 and chart.height >= 200
 
+    # --reestimate redoes one row's estimate with today's estimator and keeps every measurement as it was.
+    again = [*command[:-1], "lora-bf16-ckpt-8bit-cached", "--out", str(tmp_path), "--name", "smoke", "--reestimate"]
+    result = run(again, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    redone = {row["configuration"]: row for row in json.loads((tmp_path / "smoke.json").read_text())["rows"]}
+    assert list(redone) == list(CONFIGS) and redone["lora-bf16-ckpt-8bit-cached"]["reestimated"]
+    assert "reestimated" not in redone["full-fp32-adamw"]
+    before, after = rows["lora-bf16-ckpt-8bit-cached"], redone["lora-bf16-ckpt-8bit-cached"]
+    assert after["peak_memory_bytes"] == before["peak_memory_bytes"]
+    measured = after["measured_bytes"]
+    assert after["estimate_error"] == (after["estimate"]["peak_bytes"] - measured) / measured
+
 
 def test_rows_of_other_models_are_kept(tmp_path):
     sys.path.insert(0, str(SCRIPT.parent))

@@ -17,17 +17,21 @@ COMPONENTS = ("unet", "text_encoder", "text_decoder", "vae", "image_encoder")
 
 
 def tensor_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    """Bytes of a module's tensors that are held (released ones sit on the meta device)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
 
 
 def trained_pipeline(config: TrainConfig):
-    """The tiny pipeline as `setup_models` leaves it for training, with real tensors."""
+    """The tiny pipeline as training holds it in the loop (set up, idle modules released), with real tensors."""
     from lora_db.models import load_pipeline
-    from lora_db.train import setup_models
+    from lora_db.train import release_idle_modules, setup_models
 
     torch.manual_seed(config.seed)
     pipe = load_pipeline("tiny", torch_dtype=weight_dtype(config.mixed_precision))
-    return setup_models(config, pipe, weight_dtype(config.mixed_precision), torch.device("cpu")).pipe
+    pipe = setup_models(config, pipe, weight_dtype(config.mixed_precision), torch.device("cpu")).pipe
+    release_idle_modules(config, pipe)
+    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def _frozen_state(run):
         f"{name}.{key}": tensor.detach().clone()
         for name in ("unet", "text_encoder", "vae", "image_encoder", "text_decoder")
         for key, tensor in getattr(run.models.pipe, name).state_dict().items()
-        if "lora_" not in key
+        if "lora_" not in key and tensor.device.type != "meta"  # released modules (meta) hold no weights
     }
 
 

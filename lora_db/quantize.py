@@ -1,0 +1,244 @@
+"""A quantized frozen base (QLoRA): 4-bit NF4 or 8-bit linear layers from bitsandbytes, LoRA on top in fp32.
+
+    quantize_model(pipe.unet, "nf4", compute_dtype=torch.bfloat16, device=device)
+    inject_lora(pipe.unet, spec)          # peft's bitsandbytes LoRA layers (peft.tuners.lora.bnb) go on top
+
+The backbone of the U-ViT (`unet.transformer`: 99.8% of its weights) and, when it gets LoRA, of the CLIP text
+encoder (its `encoder`) become bitsandbytes layers: `Linear4bit` with NF4 and double quantization (each
+64-weight block's absmax is itself stored in 8 bits, with one fp32 constant per 256 blocks), or `Linear8bitLt`
+(LLM.int8(): 8-bit rows with one fp32 scale each, outlier features above 6.0 computed in 16 bits). The U-ViT's
+five small input/output projections, embeddings and norms keep the weight dtype, as QLoRA keeps a language
+model's head. Each layer is quantized as it reaches the device, so the full-precision backbone is never there
+at once. The model is then marked `is_loaded_in_4bit` / `is_loaded_in_8bit`, the flag by which peft's
+`inject_adapter_in_model` chooses its bitsandbytes LoRA layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import LoraDBError
+
+QUANTIZATIONS = ("nf4", "int8")
+NF4_BLOCKSIZE = 64
+INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s default: features beyond it are computed in 16 bits
+_MARKS = {"nf4": "is_loaded_in_4bit", "int8": "is_loaded_in_8bit"}
+
+
+def _bitsandbytes():
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a warning about an optional CPU kernel package
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def check_quantization(kind: str, device: torch.device, compute_dtype: torch.dtype, probe: bool = True) -> None:
+    """Refuse, before any model loads, a quantization the installed bitsandbytes cannot run on `device`.
+
+    The probe quantizes one 64x64 layer on the device and runs it forward and backward under the compute dtype:
+    what training does, in milliseconds. `probe=False` checks the install only (for estimates of other devices).
+    """
+    if kind == "none":
+        return
+    if kind not in QUANTIZATIONS:
+        raise LoraDBError(f"--quantize-base {kind}: choose none, nf4 or int8")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoraDBError(
+            f"--quantize-base {kind} needs bitsandbytes: `pip install 'bitsandbytes>=0.50'`, or drop --quantize-base"
+        )
+    if not probe:
+        return
+    bnb = _bitsandbytes()
+    try:
+        layer = _quantized_layer(nn.Linear(NF4_BLOCKSIZE, NF4_BLOCKSIZE), kind, compute_dtype, device)
+        inputs = torch.randn(2, NF4_BLOCKSIZE, device=device, dtype=compute_dtype, requires_grad=True)
+        layer(inputs).float().sum().backward()
+    except Exception as err:  # any failure of the library means the same to the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoraDBError(
+            f"--quantize-base {kind}: bitsandbytes {bnb.__version__} cannot run it on {device.type} ({reason}); "
+            "install a bitsandbytes build for this device, or drop --quantize-base"
+        ) from None
+
+
+def _quantized_layer(linear: nn.Linear, kind: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A bitsandbytes copy of `linear`, its weights quantized on `device` (frozen: requires_grad False)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    bnb = _bitsandbytes()
+    has_bias = linear.bias is not None
+    # The layer is built empty on the meta device, outside any fake-tensor mode (`lora-db estimate` traces under
+    # one, and a bitsandbytes weight cannot wrap a fake tensor); the weight's data is then set and quantized.
+    with unset_fake_temporarily():
+        if kind == "nf4":
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=has_bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,  # double quantization
+                quant_type="nf4",
+                device="meta",
+            )
+            # bitsandbytes' CPU inference layout rewrites the weight in place when a layer first runs in eval mode,
+            # and fails for layers narrower than a block: keep one layout for training, sampling and merging.
+            layer.support_avx512bf16_for_cpu = False
+            weight = bnb.nn.Params4bit(
+                torch.empty(0), requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=True,
+                quant_type="nf4", module=layer,
+            )  # fmt: skip
+        else:
+            layer = bnb.nn.Linear8bitLt(
+                linear.in_features,
+                linear.out_features,
+                bias=has_bias,
+                has_fp16_weights=False,
+                threshold=INT8_OUTLIER_THRESHOLD,
+                device="meta",
+            )
+            weight = bnb.nn.Int8Params(torch.empty(0), requires_grad=False, has_fp16_weights=False)
+    if _is_fake(linear.weight):
+        layer.weight = _traced_weight(weight, linear.weight.data.to(device))
+    else:
+        weight.data = linear.weight.data
+        layer.weight = weight._quantize(device)
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=False)
+    return layer.requires_grad_(False)
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
+
+
+def _traced_weight(weight: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """`lora-db estimate`'s quantized weight: bitsandbytes' own quantization run on a fake tensor (its fake
+    kernels give the packed shapes and dtypes), held by a plain parameter that carries the attributes bitsandbytes'
+    and peft's layers read from their weight classes, which cannot hold fake tensors."""
+    bnb = _bitsandbytes()
+    if isinstance(weight, bnb.nn.Params4bit):
+        packed, quant_state = bnb.functional.quantize_4bit(
+            data, blocksize=weight.blocksize, compress_statistics=True, quant_type=weight.quant_type
+        )
+        traced = nn.Parameter(packed, requires_grad=False)
+        attributes = ("blocksize", "compress_statistics", "quant_type", "quant_storage", "module")
+        traced.__dict__.update({name: getattr(weight, name) for name in attributes})
+        traced.quant_state, traced.bnb_quantized = quant_state, True
+        weight.module.quant_state = quant_state
+        return traced
+    rows, scales, _ = bnb.functional.int8_vectorwise_quant(data.to(torch.float16))
+    traced = nn.Parameter(rows, requires_grad=False)
+    traced.CB, traced.SCB, traced.has_fp16_weights = rows, scales, False
+    return traced
+
+
+def _compute_constant_maps(kind: str) -> None:
+    """bitsandbytes builds its quantization code maps from Python numbers the first time it quantizes: do that
+    once on real tensors, so that quantizing under a fake-tensor mode (`lora-db estimate`) finds them ready."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        _quantized_layer(nn.Linear(NF4_BLOCKSIZE, NF4_BLOCKSIZE), kind, torch.float32, torch.device("cpu"))
+
+
+def quantization_roots(model: nn.Module) -> list[nn.Module]:
+    """The parts of a model whose linear layers are quantized: the U-ViT's or the CLIP text encoder's backbone."""
+    if hasattr(model, "transformer") and hasattr(model, "text_out"):  # UniDiffuserModel
+        return [model.transformer]
+    text_model = getattr(model, "text_model", model)  # CLIPTextModel (transformers 5 has no text_model level)
+    if hasattr(text_model, "encoder") and hasattr(text_model, "final_layer_norm"):
+        return [text_model.encoder]
+    raise LoraDBError(f"--quantize-base: lora-db quantizes the U-ViT and CLIP text encoder, not {type(model).__name__}")
+
+
+def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Replace the backbone's linear layers by quantized ones on `device`, in place; returns how many.
+
+    Layers already quantized are left alone, so calling it twice is harmless. Call it before LoRA is injected.
+    """
+    if kind == "none":
+        return 0
+    _compute_constant_maps(kind)
+    count = 0
+    for root in quantization_roots(model):
+        for parent in list(root.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:  # exactly: bitsandbytes' layers are nn.Linear subclasses
+                    setattr(parent, name, _quantized_layer(child, kind, compute_dtype, device))
+                    count += 1
+    if count or quantized_layers(model):
+        setattr(model, _MARKS[kind], True)
+    return count
+
+
+def quantize_pipeline(pipe, kind: str, compute_dtype: torch.dtype, device: torch.device, text_encoder: bool) -> None:
+    """The U-ViT, and the CLIP text encoder when it carries LoRA, quantized layer by layer onto `device`."""
+    quantize_model(pipe.unet, kind, compute_dtype, device)
+    if text_encoder:
+        quantize_model(pipe.text_encoder, kind, compute_dtype, device)
+
+
+def quantized_layers(model: nn.Module) -> list[nn.Module]:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return []
+    bnb = _bitsandbytes()
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)]
+
+
+def quantization_of(model: nn.Module) -> str:
+    """`nf4`, `int8` or `none`: how a model's frozen linear layers are stored."""
+    for kind, mark in _MARKS.items():
+        if getattr(model, mark, False):
+            return kind
+    return "none"
+
+
+def quantization_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor a quantized layer keeps: packed weights and the quantization constants beside them.
+
+    The constants (NF4's 8-bit absmax per block, its fp32 second-level absmax and code maps; int8's per-row
+    scales) are attributes of the weight or layer, not parameters or buffers, so `model.parameters()` misses them.
+    """
+    for layer in quantized_layers(model):
+        yield layer.weight.data
+        state = getattr(layer.weight, "quant_state", None)
+        if state is not None:  # NF4
+            yield from (state.absmax, state.code)
+            if state.state2 is not None:
+                yield from (state.offset, state.state2.absmax, state.state2.code)
+        for scales in (getattr(layer.weight, "SCB", None), getattr(getattr(layer, "state", None), "SCB", None)):
+            if scales is not None:  # int8
+                yield scales
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a constant shared by many layers counts once)."""
+    storages = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            try:
+                key = storage.data_ptr() or id(storage)
+            except RuntimeError:  # fake tensors (the estimate) have no data
+                key = id(storage)
+            storages[key] = storage
+    return sum(storage.nbytes() for storage in storages.values())
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes the quantized layers hold: packed weights plus quantization constants."""
+    return storage_bytes(quantization_tensors(model))
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The full-precision weight a quantized layer computes with (what the quantized base stands for)."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).float()
