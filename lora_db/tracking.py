@@ -9,6 +9,7 @@ validation images as images.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import netrc
 import os
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from urllib.parse import urlparse
 
 from .config import TrainConfig
 from .errors import LoraDBError
+
+logger = logging.getLogger("lora_db")
 
 PROJECT = "lora-db"
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -87,3 +90,15 @@ def log_validation_images(accelerator, images: Sequence, step: int, prompt: str,
             tracker.log(
                 {"validation": [wandb.Image(im, caption=c) for im, c in zip(images, captions, strict=True)]}, step=step
             )
+
+
+def tracked(accelerator, call, *args, **kwargs) -> None:
+    """Run a tracker call; tracker output is secondary to metrics.jsonl, so a failure to write it (a full disk,
+    a folder turned read-only) warns once and stops the trackers instead of the training run."""
+    if not accelerator.trackers and call != accelerator.init_trackers:  # stopped, or none asked for
+        return
+    try:
+        call(*args, **kwargs)
+    except OSError as err:
+        logger.warning("tracker output stopped (%s); metrics.jsonl keeps recording every step", err)
+        accelerator.trackers.clear()

@@ -62,7 +62,7 @@ from .quantize import check_quantization, quantize_pipeline
 from .resume import ABANDONED_DIR, RUN_RECORD, check_resume, data_digest, retire_later_checkpoints, run_record
 from .sampling import generate_images, image_grid, save_png
 from .stopping import StopRequest, TrainingInterrupted, stop_on_signals
-from .tracking import PROJECT, hyperparameters, log_validation_images, resolve_tracker, tracker_init_kwargs
+from .tracking import PROJECT, hyperparameters, log_validation_images, resolve_tracker, tracked, tracker_init_kwargs
 from .variants import load_init_adapter, lora_spec, loraplus_optimizer
 
 logger = logging.getLogger("lora_db")
@@ -410,7 +410,7 @@ def run_validation(config: TrainConfig, models: Models, accelerator, step: int) 
             {"prompt": config.validation_prompt, "seed": config.seed + i, "step": step},
         )
     save_png(image_grid([images]), folder / f"step-{step:06d}.png", {"prompt": config.validation_prompt})
-    log_validation_images(accelerator, images, step, config.validation_prompt, config.seed)
+    tracked(accelerator, log_validation_images, accelerator, images, step, config.validation_prompt, config.seed)
     for module in models.trained.values():
         module.train()
     return folder
@@ -751,7 +751,9 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
     if accelerator.log_with:
         tracker = resolve_tracker(config.report_to)
         init_kwargs = tracker_init_kwargs(tracker, config.output_dir) if accelerator.is_main_process else {}
-        accelerator.init_trackers(PROJECT, config=hyperparameters(config), init_kwargs=init_kwargs)
+        tracked(
+            accelerator, accelerator.init_trackers, PROJECT, config=hyperparameters(config), init_kwargs=init_kwargs
+        )
     trainable = count_parameters(*run.models.trained.values(), trainable_only=True)
     logger.info(
         "training %s of %s parameters (%s)",
@@ -795,7 +797,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
         if accelerator.is_main_process:
             append_line(metrics_path, json.dumps(metrics))
         if accelerator.log_with:
-            accelerator.log(metrics, step=step)
+            tracked(accelerator, accelerator.log, metrics, step=step)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", peak=f"{metrics['peak_memory_bytes'] / 2**30:.2f}GiB")
 

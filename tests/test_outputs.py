@@ -279,3 +279,14 @@ def test_wandb_online_without_an_api_key_is_refused_before_loading(tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     (tmp_path / ".netrc").unlink()
     assert resolve_tracker("wandb") == "wandb"
+
+
+def test_a_tracker_that_cannot_write_stops_itself_not_the_run(tiny_config, caplog):
+    from lora_db.train import train
+
+    config = tiny_config(max_train_steps=2, report_to="tensorboard")
+    config.output_dir.mkdir(parents=True)
+    (config.output_dir / "logs").write_text("a file where the tensorboard folder would go\n")
+    result = train(config)
+    assert result.steps == 2 and len((config.output_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "tracker output stopped" in caplog.text
