@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -94,7 +95,18 @@ from .cli_estimate import register as _register_estimate_commands  # noqa: E402
 _register_estimate_commands(app)
 
 
+def _thread_error(args) -> None:
+    """A library's background thread (tensorboard's event writer on a full disk, say) failed: one line, no traceback.
+    The main thread meets the same failure at its next call into that library and stops with its own error."""
+    if _debug_enabled() or args.exc_type is SystemExit:
+        threading.__excepthook__(args)
+        return
+    name = args.thread.name if args.thread is not None else "a background thread"
+    typer.echo(f"warning: {name} stopped: {_one_line(args.exc_value)}", err=True)
+
+
 def main() -> None:
+    threading.excepthook = _thread_error
     try:
         app()
     except LoraDBError as err:

@@ -775,52 +775,51 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
     reset_peak_memory(device)
     step = start_step
     stop.armed = True
-    while step < config.max_train_steps:
-        started = time.perf_counter()
-        try:
-            loss = optimizer_step(run, step).item()
-        except (RuntimeError, MemoryError) as err:
-            if not _is_out_of_memory(err):
-                raise
-            raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
-        step += 1
-        run.steps_done = step
-        losses.append(loss)
-        stop.step_s = time.perf_counter() - started
-        metrics = {
-            "step": step,
-            "loss": loss,
-            "lr": run.lr_scheduler.get_last_lr()[0],
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "step_time_s": stop.step_s,
-        }
-        if accelerator.is_main_process:
-            append_line(metrics_path, json.dumps(metrics))
-        if accelerator.log_with:
-            tracked(accelerator, accelerator.log, metrics, step=step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", peak=f"{metrics['peak_memory_bytes'] / 2**30:.2f}GiB")
-
-        stopping = stop_requested(stop, accelerator)
-        if stopping or (config.checkpointing_steps and step % config.checkpointing_steps == 0):
+    with progress:  # closed on any way out, so an error line starts a line of its own
+        while step < config.max_train_steps:
             started = time.perf_counter()
-            saved = checkpoint(run, step, record)
-            stop.note_checkpoint(time.perf_counter() - started, saved)
-            if stopping:
-                progress.close()
-                raise TrainingInterrupted(
-                    f"stopped by {stop.name or 'a signal to another process'} at step {step}; checkpoint saved to "
-                    f"{saved} in {stop.checkpoint_s:.1f} s; continue with the same command and "
-                    "--resume-from-checkpoint latest",
-                    stop.signum or 15,
-                )
-        is_last = step == config.max_train_steps
-        if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+            try:
+                loss = optimizer_step(run, step).item()
+            except (RuntimeError, MemoryError) as err:
+                if not _is_out_of_memory(err):
+                    raise
+                raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
+            step += 1
+            run.steps_done = step
+            losses.append(loss)
+            stop.step_s = time.perf_counter() - started
+            metrics = {
+                "step": step,
+                "loss": loss,
+                "lr": run.lr_scheduler.get_last_lr()[0],
+                "peak_memory_bytes": peak_memory_bytes(device),
+                "step_time_s": stop.step_s,
+            }
             if accelerator.is_main_process:
-                validation_dir = run_validation(config, run.models, accelerator, step)
-                release_idle_modules(config, run.models.pipe)
-            accelerator.wait_for_everyone()
-    progress.close()
+                append_line(metrics_path, json.dumps(metrics))
+            if accelerator.log_with:
+                tracked(accelerator, accelerator.log, metrics, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", peak=f"{metrics['peak_memory_bytes'] / 2**30:.2f}GiB")
+
+            stopping = stop_requested(stop, accelerator)
+            if stopping or (config.checkpointing_steps and step % config.checkpointing_steps == 0):
+                started = time.perf_counter()
+                saved = checkpoint(run, step, record)
+                stop.note_checkpoint(time.perf_counter() - started, saved)
+                if stopping:
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.name or 'a signal to another process'} at step {step}; checkpoint saved to "
+                        f"{saved} in {stop.checkpoint_s:.1f} s; continue with the same command and "
+                        "--resume-from-checkpoint latest",
+                        stop.signum or 15,
+                    )
+            is_last = step == config.max_train_steps
+            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+                if accelerator.is_main_process:
+                    validation_dir = run_validation(config, run.models, accelerator, step)
+                    release_idle_modules(config, run.models.pipe)
+                accelerator.wait_for_everyone()
 
     adapter_path = None
     divergence = replica_divergence(run) if accelerator.num_processes > 1 else 0.0

@@ -610,3 +610,23 @@ def test_an_adapter_from_another_base_model_gets_one_warning(caplog):
     caplog.clear()
     resolve_model("tiny", [adapter])
     assert caplog.text == ""
+
+
+def test_a_real_full_disk_under_the_tracker_is_one_error_line(small_disk, instance_dir):
+    """tensorboard writes its event files from a thread of its own: the CLI still shows no traceback."""
+    import sys
+
+    from processes import run
+
+    pytest.importorskip("tensorboard", reason="tensorboard is the tracker under test")
+    fill_disk(small_disk, 12 * 1024)
+    out = small_disk / "out"
+    command = [sys.executable, "-m", "lora_db.cli", "train", "--model", "tiny", "--instance-dir", str(instance_dir),
+               "--instance-prompt", "a photo of sks robot", "--output-dir", str(out), "--max-train-steps", "2",
+               "--report-to", "tensorboard"]  # fmt: skip
+    result = run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the disk is full (no space left) while writing" in errors[0], result.stderr[-2000:]
+    assert not (out / "adapter.safetensors").exists()
