@@ -94,6 +94,10 @@ from .cli_estimate import register as _register_estimate_commands  # noqa: E402
 
 _register_estimate_commands(app)
 
+from .cli_eval import register as _register_eval_commands  # noqa: E402
+
+_register_eval_commands(app)
+
 
 def _thread_error(args) -> None:
     """A library's background thread (tensorboard's event writer on a full disk, say) failed: one line, no traceback.

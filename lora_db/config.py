@@ -226,6 +226,20 @@ class TrainConfig:
     num_validation_images: int = _opt(2, "Images per validation.", "Validation", minimum=1)
     validation_inference_steps: int = _opt(25, "Denoising steps per validation image.", "Validation", minimum=1)
     validation_guidance_scale: float = _opt(8.0, "Guidance scale of validation images.", "Validation", minimum=0)
+    eval_steps: int = _opt(
+        0,
+        "Every N steps (and at the end) score the model with `lora-db eval`'s metrics on a few seeds: CLIP-I "
+        "against the instance photos, diversity and, with --class-prompt, prior similarity; into metrics.jsonl.",
+        "Validation",
+        minimum=0,
+    )
+    num_eval_images: int = _opt(
+        2,
+        "Samples per prompt for --eval-steps (seeds seed..seed+N-1; at least 2, diversity compares them); "
+        "steps and guidance as validation.",
+        "Validation",
+        minimum=2,
+    )
     # -- trackers and the hub -------------------------------------------------------------------------------------
     report_to: Tracker | None = _opt(
         None,

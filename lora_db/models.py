@@ -1,7 +1,9 @@
 """Loading UniDiffuser: a hub id, a local diffusers folder, or a random pipeline built offline.
 
-`tiny` is the small deterministic model tests and demos use; `random:small` and `random:unidiffuser-v1` are
-larger random builds for benchmarks (the second has the real architecture of thu-ml/unidiffuser-v1).
+`tiny` is the small deterministic random model machinery tests use; `tiny-world` is a small UniDiffuser
+pretrained offline on a synthetic world (shipped in the package, see lora_db.tiny_world); `random:small` and
+`random:unidiffuser-v1` are larger random builds for benchmarks (the second has the real architecture of
+thu-ml/unidiffuser-v1).
 """
 
 from __future__ import annotations
@@ -91,25 +93,41 @@ def _check_local_folder(model: str) -> None:
         raise LoraDBError(f"--model {model}: no model_index.json there; it is not a diffusers pipeline folder")
 
 
+def local_model(model: str) -> str:
+    """`tiny-world` names the pretrained tiny UniDiffuser shipped in the package; other names are kept."""
+    if model == "tiny-world":
+        from .tiny_world import asset_dir
+
+        return str(asset_dir())
+    return model
+
+
 def load_unet_config(model: str) -> dict[str, Any]:
     """The U-ViT's config without loading any weights (to check options before the model loads)."""
+    model = local_model(model)
     preset = random_preset(model)
     if preset is not None:
         from .tiny import unet_config
 
         return unet_config(preset)
     _check_local_folder(model)
-    from diffusers import UniDiffuserModel
+    from diffusers import AutoencoderKL, UniDiffuserModel
 
     options = hub_load_options(model) if _is_hub_id(model) else {}
     try:
-        return dict(UniDiffuserModel.load_config(model, subfolder="unet", **options))
-    except (OSError, ValueError) as err:
+        config = dict(UniDiffuserModel.load_config(model, subfolder="unet", **options))
+        vae_blocks = len(AutoencoderKL.load_config(model, subfolder="vae", **options)["block_out_channels"])
+    except (OSError, ValueError, KeyError) as err:
         raise _unreachable(model, err) from None
+    # The pipeline's own rule: each VAE block after the first halves the size (8 for SD's VAE, 4 for tiny-world's).
+    return config | {VAE_SCALE_FACTOR: 2 ** (vae_blocks - 1)}
 
 
-def native_resolution(unet_config: dict[str, Any], vae_scale_factor: int = 8) -> int:
-    return int(unet_config["sample_size"]) * vae_scale_factor
+VAE_SCALE_FACTOR = "lora_db.vae_scale_factor"
+
+
+def native_resolution(unet_config: dict[str, Any]) -> int:
+    return int(unet_config["sample_size"]) * int(unet_config.get(VAE_SCALE_FACTOR, 8))
 
 
 def check_resolution(resolution: int, unet_config: dict[str, Any], model: str) -> None:
@@ -125,6 +143,7 @@ def load_pipeline(model: str, torch_dtype=None):
     """A `UniDiffuserPipeline` from a hub id, a local folder or a random build name; clear error if unreachable."""
     import torch
 
+    model = local_model(model)
     preset = random_preset(model)
     if preset is not None:
         from .tiny import build_random_pipeline

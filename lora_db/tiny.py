@@ -13,6 +13,7 @@ the same weights on every build, on any machine.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ class _Sizes:
     sample_size: int
     # GPT-2's 50257 tokens + UniDiffuser's EOS in the real caption decoder; 0 means the byte tokenizer's 257.
     decoder_vocab: int = 0
+    # 1 / std of the VAE's sampled latents of the demo photos (`derive_scaling_factor`), so that the noise
+    # schedule sees unit-variance data as on the real model; unidiffuser-v1 keeps SD's own 0.18215.
+    scaling_factor: float = 0.18215
 
 
 _SIZES = {
@@ -71,6 +75,7 @@ _SIZES = {
         uvit_head_dim=16,
         uvit_layers=5,
         sample_size=8,
+        scaling_factor=3.0702,
     ),
     # 256 px, 32x32 latents, a U-ViT of about 31M parameters: seconds per step on a 2-core CPU.
     "small": _Sizes(
@@ -95,6 +100,7 @@ _SIZES = {
         uvit_head_dim=64,
         uvit_layers=9,
         sample_size=32,
+        scaling_factor=3.4046,
     ),
     # thu-ml/unidiffuser-v1: SD VAE, CLIP ViT-L/14 text, CLIP ViT-B/32 vision, GPT-2 decoder, 952M-parameter U-ViT.
     "unidiffuser-v1": _Sizes(
@@ -162,6 +168,25 @@ def _seeded(seed: int, device: str | None, build):
         return build()
 
 
+# A trained VAE's posterior is narrow (its std is small next to the spread of its means); a random one's is about
+# 1 everywhere, so every sampled latent would be mostly posterior noise. Std 0.1 makes the random VAE behave
+# like a trained one here: sampled latents and their means agree, and one scaling factor fits both.
+POSTERIOR_STD = 0.1
+
+
+def _narrow_posterior(vae) -> None:
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.bias[channels:] = 2 * math.log(POSTERIOR_STD)
+
+
+@torch.no_grad()
+def derive_scaling_factor(vae, pixels: torch.Tensor, seed: int = 0) -> float:
+    """1 / std of the VAE's sampled latents of `pixels` ((N, 3, H, W) in [-1, 1]): how SD's 0.18215 was derived."""
+    latents = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(seed))
+    return 1.0 / latents.float().std().item()
+
+
 def build_random_pipeline(preset: str = "tiny", seed: int = 0, device: str | None = None):
     """A complete `UniDiffuserPipeline` of the given size with seeded random weights (fp32, on the CPU).
 
@@ -200,9 +225,11 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, device: str | Non
             layers_per_block=s.vae_layers_per_block,
             norm_num_groups=s.vae_groups,
             sample_size=s.sample_size * 8,
-            scaling_factor=0.18215,
+            scaling_factor=s.scaling_factor,
         ),
     )
+    if preset != "unidiffuser-v1" and device != "meta":
+        _narrow_posterior(vae)
     text_encoder = _seeded(
         seed + 1,
         device,

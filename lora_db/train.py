@@ -253,7 +253,7 @@ def idle_modules(config: TrainConfig, pipe) -> list[nn.Module]:
 
 def release_idle_modules(config: TrainConfig, pipe) -> None:
     """Nothing idle on the device: what validation samples with goes to the CPU, everything else is dropped."""
-    sampling = {pipe.vae, pipe.image_encoder, pipe.text_encoder} if config.validation_prompt else set()
+    sampling = {pipe.vae, pipe.image_encoder, pipe.text_encoder} if samples_during_training(config) else set()
     for module in idle_modules(config, pipe):
         module.to("cpu" if module in sampling else "meta")
     gc.collect()
@@ -416,6 +416,46 @@ def run_validation(config: TrainConfig, models: Models, accelerator, step: int) 
     return folder
 
 
+def samples_during_training(config: TrainConfig) -> bool:
+    return config.validation_prompt is not None or config.eval_steps > 0
+
+
+def setup_training_eval(config: TrainConfig, models: Models, accelerator):
+    """The --eval-steps scorer, built on the untrained model (its class samples are the base model's)."""
+    from .data import find_images, load_image
+    from .evaluate import TrainingEval
+
+    prompts = [config.instance_prompt] + ([config.validation_prompt] if config.validation_prompt else [])
+    photos = [load_image(path) for path in find_images(config.instance_dir, "--instance-dir")]
+    with sampling_mode(config, models, accelerator):
+        return TrainingEval(
+            models.pipe,
+            photos,
+            prompts,
+            config.class_prompt,
+            num_images=config.num_eval_images,
+            seed=config.seed,
+            num_inference_steps=config.validation_inference_steps,
+            guidance_scale=config.validation_guidance_scale,
+            autocast=accelerator.autocast,
+        )
+
+
+@contextlib.contextmanager
+def sampling_mode(config: TrainConfig, models: Models, accelerator):
+    """Encoders on the device and trained modules in eval mode while sampling; back to training afterwards."""
+    for module in models.trained.values():
+        module.eval()
+    for name in ("vae", "image_encoder", "text_encoder"):
+        getattr(models.pipe, name).to(accelerator.device)
+    try:
+        yield
+    finally:
+        for module in models.trained.values():
+            module.train()
+        release_idle_modules(config, models.pipe)
+
+
 # -- the run --------------------------------------------------------------------------------------------------------
 
 
@@ -436,6 +476,7 @@ class Run:
     setup_memory_bytes: int = 0
     steps_done: int = 0
     output_path: Path | None = None  # the adapter (or U-ViT folder) once written
+    evaluator: object = None  # --eval-steps: an evaluate.TrainingEval on the main process
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -724,6 +765,8 @@ def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path
             _clear_previous_run(config.output_dir)
         atomic_write_json(config.output_dir / "config.json", config.to_dict())
         record = run_record(config, data_digest(config))
+    if config.eval_steps and accelerator.is_main_process:
+        run.evaluator = setup_training_eval(config, run.models, accelerator)  # before resume: the base's samples
     start_step = resume(run, start_from)
     try:
         return _loop(run, stop, start_step, record)
@@ -795,6 +838,9 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
                 "peak_memory_bytes": peak_memory_bytes(device),
                 "step_time_s": stop.step_s,
             }
+            if run.evaluator is not None and (step % config.eval_steps == 0 or step == config.max_train_steps):
+                with sampling_mode(config, run.models, accelerator):
+                    metrics.update(run.evaluator(step))
             if accelerator.is_main_process:
                 append_line(metrics_path, json.dumps(metrics))
             if accelerator.log_with:

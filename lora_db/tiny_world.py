@@ -1,0 +1,697 @@
+"""tiny-world: a small UniDiffuser pretrained here, offline, on a synthetic captioned world.
+
+`--model tiny` has random weights: fine for testing the machinery, useless for judging whether an adapter learns
+a subject. tiny-world is a UniDiffuser whose parts have all been trained, on 32 px pictures of robots, cars,
+houses and balls in six colours and four settings, captioned "a photo of a red robot on the beach":
+
+1. the world is drawn with PIL (`make_world`), deterministic from its seed;
+2. a small AutoencoderKL learns to reconstruct it; its `scaling_factor` is 1 / std of its latents on the world;
+3. a small CLIP (text and vision towers with projections) learns to match pictures and captions
+   contrastively; its towers become the pipeline's text and image encoders, and the whole CLIP model is also
+   saved as `clip/` so `lora-db eval --clip-model` can score prompt fidelity (CLIP-T);
+4. the U-ViT (with the caption decoder's `encode` projection) learns UniDiffuser's text-to-image objective
+   through lora-db's own `dreambooth_loss`, with 10% unconditional examples so guidance works.
+
+The DreamBooth subject is the toy robot of `lora_db.data.make_demo_images` (teal head, red body, yellow star):
+the world's robots are one colour and starless, so the model never saw it.
+
+    python -m lora_db.tiny_world build lora_db/assets/tiny-world    # the shipped weights (see BUILD_SECONDS)
+    python -m lora_db.tiny_world preview --out grid.png              # prompt per column, seed per row
+
+The result is a plain diffusers UniDiffuser folder; `--model tiny-world` names the copy shipped in the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+
+from .errors import LoraDBError
+
+logger = logging.getLogger("lora_db")
+
+NAME = "tiny-world"
+ASSET_DIR = Path(__file__).parent / "assets" / NAME
+IMAGE_SIZE = 32
+CLASSES = ("robot", "car", "house", "ball")
+COLOURS = {
+    "red": (222, 52, 40),
+    "green": (46, 160, 67),
+    "blue": (44, 96, 222),
+    "yellow": (250, 206, 24),
+    "purple": (138, 62, 178),
+    "orange": (250, 138, 28),
+}
+SETTINGS = ("in a room", "on grass", "on the beach", "at night")
+# The DreamBooth subject for evaluation and demos: make_demo_images' toy robot, which the world never shows.
+SUBJECT_CLASS = "robot"
+SUBJECT_PROMPT = "a photo of sks robot"
+CLASS_PROMPT = "a photo of a robot"
+TEXT_LENGTH = 16  # tokens: each word of the world is one, so the longest caption takes 11 with start and end
+
+
+# -- the world ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one picture shows; a caption may leave out the colour or the setting (so "a photo of a robot" is
+    a prompt the model knows: the class prompt of prior preservation)."""
+
+    kind: str
+    colour: str
+    setting: str
+    say_colour: bool = True
+    say_setting: bool = True
+
+    @property
+    def caption(self) -> str:
+        colour = f"{self.colour} " if self.say_colour else ""
+        article = "an" if colour.startswith("orange") else "a"
+        setting = f" {self.setting}" if self.say_setting else ""
+        return f"a photo of {article} {colour}{self.kind}{setting}"
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return Scene(
+        kind=rng.choice(CLASSES),
+        colour=rng.choice(list(COLOURS)),
+        setting=rng.choice(SETTINGS),
+        say_colour=rng.random() > 0.2,
+        say_setting=rng.random() > 0.2,
+    )
+
+
+def make_world(count: int, seed: int = 0) -> list[tuple[Image.Image, str]]:
+    """`count` (picture, caption) pairs; the same seed draws the same world."""
+    rng = random.Random(seed)
+    world = []
+    for _ in range(count):
+        scene = random_scene(rng)
+        world.append((render(scene, rng), scene.caption))
+    return world
+
+
+_SUPERSAMPLE = 4
+_ROOMS = (
+    ((214, 228, 240), (170, 140, 110)),
+    ((240, 226, 200), (120, 150, 120)),
+    ((225, 215, 235), (150, 150, 160)),
+    ((200, 230, 215), (190, 170, 140)),
+    ((245, 240, 230), (110, 120, 140)),
+    ((235, 210, 205), (160, 130, 100)),
+)  # the demo photos' rooms (lora_db.data), so the subject's photos are scenes of this world
+
+
+def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    big = size * _SUPERSAMPLE
+    horizon = round(big * rng.uniform(0.6, 0.72))
+    canvas = _setting(scene.setting, big, horizon, rng)
+    side = round(big * rng.uniform(0.5, 0.66))
+    thing = _DRAW[scene.kind](side, COLOURS[scene.colour])
+    thing = thing.rotate(rng.uniform(-10.0, 10.0), resample=Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        thing = thing.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    left = round((big - side) / 2 + big * rng.uniform(-0.12, 0.12))
+    top = round(horizon - side * 0.88 + big * rng.uniform(-0.04, 0.04))
+    _shadow(canvas, left + side // 2, top + round(side * 0.93), side)
+    canvas.alpha_composite(thing, (left, top))
+    return canvas.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _setting(setting: str, size: int, horizon: int, rng: random.Random) -> Image.Image:
+    if setting == "in a room":
+        wall, floor = rng.choice(_ROOMS)
+        top = (255, 255, 255)
+    elif setting == "on grass":
+        wall, floor, top = (120, 180, 240), (74, 150, 58), (200, 230, 255)
+    elif setting == "on the beach":
+        wall, floor, top = (90, 170, 220), (232, 210, 150), (190, 225, 250)
+    else:
+        wall, floor, top = (16, 22, 58), (52, 52, 66), (40, 44, 90)
+    shade = Image.linear_gradient("L").resize((size, size))
+    scene = Image.composite(Image.new("RGBA", (size, size), wall), Image.new("RGBA", (size, size), top), shade)
+    draw = ImageDraw.Draw(scene)
+    draw.rectangle((0, horizon, size, size), fill=floor)
+    if setting == "on the beach":
+        draw.rectangle((0, horizon - size // 14, size, horizon), fill=(40, 110, 190))
+    elif setting == "at night":
+        moon = rng.uniform(0.1, 0.9) * size
+        draw.ellipse((moon - size * 0.05, size * 0.08, moon + size * 0.05, size * 0.18), fill=(240, 240, 200))
+    return scene
+
+
+def _shadow(scene: Image.Image, centre_x: int, centre_y: int, side: int) -> None:
+    shadow = Image.new("RGBA", scene.size, (0, 0, 0, 0))
+    rx, ry = side * 0.34, side * 0.06
+    ImageDraw.Draw(shadow).ellipse((centre_x - rx, centre_y - ry, centre_x + rx, centre_y + ry), (0, 0, 0, 90))
+    scene.alpha_composite(shadow.filter(ImageFilter.GaussianBlur(max(1.0, side / 40))))
+
+
+_OUTLINE = (40, 40, 50, 255)
+
+
+def _canvas(side: int):
+    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+
+    def box(x0, y0, x1, y1):
+        return (x0 * side, y0 * side, x1 * side, y1 * side)
+
+    return image, ImageDraw.Draw(image), box, max(1, side // 90)
+
+
+def _draw_robot(side: int, colour: tuple) -> Image.Image:
+    """One colour all over, grey antenna, no star: the subject's two colours and star are never seen."""
+    image, draw, box, line = _canvas(side)
+    grey = (170, 170, 178, 255)
+    draw.line(box(0.5, 0.13, 0.5, 0.24), fill=_OUTLINE, width=line * 2)
+    draw.ellipse(box(0.455, 0.07, 0.545, 0.16), fill=grey, outline=_OUTLINE, width=line)
+    for x0 in (0.13, 0.77):
+        draw.rounded_rectangle(box(x0, 0.54, x0 + 0.1, 0.76), side * 0.04, colour, _OUTLINE, line)
+    for x0 in (0.3, 0.55):
+        draw.rectangle(box(x0, 0.84, x0 + 0.15, 0.92), fill=_OUTLINE)
+    draw.rounded_rectangle(box(0.22, 0.5, 0.78, 0.87), side * 0.06, colour, _OUTLINE, line)
+    draw.rounded_rectangle(box(0.27, 0.22, 0.73, 0.5), side * 0.06, colour, _OUTLINE, line)
+    for cx in (0.4, 0.6):
+        draw.ellipse(box(cx - 0.055, 0.3, cx + 0.055, 0.41), fill="white", outline=_OUTLINE, width=line)
+        draw.ellipse(box(cx - 0.022, 0.335, cx + 0.022, 0.38), fill=_OUTLINE)
+    draw.rounded_rectangle(box(0.42, 0.43, 0.58, 0.46), side * 0.01, _OUTLINE)
+    return image
+
+
+def _draw_car(side: int, colour: tuple) -> Image.Image:
+    image, draw, box, line = _canvas(side)
+    draw.polygon([(0.28 * side, 0.62 * side), (0.36 * side, 0.42 * side), (0.66 * side, 0.42 * side),
+                  (0.76 * side, 0.62 * side)], fill=colour, outline=_OUTLINE, width=line)  # fmt: skip
+    draw.polygon([(0.37 * side, 0.6 * side), (0.41 * side, 0.47 * side), (0.63 * side, 0.47 * side),
+                  (0.69 * side, 0.6 * side)], fill=(200, 225, 240, 255))  # fmt: skip
+    draw.rounded_rectangle(box(0.08, 0.6, 0.92, 0.82), side * 0.05, colour, _OUTLINE, line)
+    draw.ellipse(box(0.86, 0.65, 0.92, 0.71), fill=(255, 240, 170, 255))
+    for cx in (0.27, 0.73):
+        draw.ellipse(box(cx - 0.1, 0.72, cx + 0.1, 0.92), fill=_OUTLINE)
+        draw.ellipse(box(cx - 0.045, 0.775, cx + 0.045, 0.865), fill=(180, 180, 185, 255))
+    return image
+
+
+def _draw_house(side: int, colour: tuple) -> Image.Image:
+    image, draw, box, line = _canvas(side)
+    roof = (*(round(c * 0.55) for c in colour[:3]), 255)
+    draw.rectangle(box(0.2, 0.45, 0.8, 0.92), fill=colour, outline=_OUTLINE, width=line)
+    draw.polygon([(0.12 * side, 0.47 * side), (0.5 * side, 0.12 * side), (0.88 * side, 0.47 * side)],
+                 fill=roof, outline=_OUTLINE, width=line)  # fmt: skip
+    draw.rectangle(box(0.43, 0.66, 0.57, 0.92), fill=(110, 70, 40, 255), outline=_OUTLINE, width=line)
+    for x0 in (0.26, 0.64):
+        draw.rectangle(box(x0, 0.54, x0 + 0.1, 0.64), fill=(200, 230, 250, 255), outline=_OUTLINE, width=line)
+    return image
+
+
+def _draw_ball(side: int, colour: tuple) -> Image.Image:
+    image, draw, box, line = _canvas(side)
+    draw.ellipse(box(0.2, 0.32, 0.8, 0.92), fill=colour, outline=_OUTLINE, width=line)
+    draw.chord(box(0.2, 0.32, 0.8, 0.92), 200, 340, fill=(250, 250, 250, 255), outline=_OUTLINE, width=line)
+    draw.ellipse(box(0.33, 0.42, 0.43, 0.52), fill=(255, 255, 255, 200))
+    return image
+
+
+_DRAW = {"robot": _draw_robot, "car": _draw_car, "house": _draw_house, "ball": _draw_ball}
+
+
+# -- the models -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and schedules of the build; the defaults are what the shipped weights were built with."""
+
+    seed: int = 0
+    # One thread: results depend on the thread count (summation order), and on a busy 2-core machine a second
+    # thread made these small kernels up to 40x slower (threads spin waiting for each other).
+    threads: int = 1
+    world_size: int = 4096
+    # Three blocks: 32 px pictures become 8 x 8 x 4 latents (12x fewer numbers; SD's VAE keeps 48x fewer, which
+    # a VAE trained for minutes on a CPU reconstructed too poorly for CLIP-I to recognise the subject).
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-5
+    clip_width: int = 64
+    clip_layers: int = 3
+    clip_dim: int = 32  # projection size: the U-ViT's CLIP image embedding
+    clip_steps: int = 400
+    clip_batch: int = 128
+    clip_lr: float = 2e-3
+    text_dim: int = 16
+    uvit_heads: int = 3
+    uvit_head_dim: int = 32
+    uvit_layers: int = 7
+    uvit_steps: int = 1200
+    uvit_batch: int = 64
+    uvit_lr: float = 1.5e-3
+    uncond_prob: float = 0.1
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def world_words() -> list[str]:
+    words = {"a", "an", "photo", "of", *CLASSES, *COLOURS}
+    for setting in SETTINGS:
+        words.update(setting.split())
+    return sorted(words)
+
+
+def train_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that make every word one token (the most frequent pair first, ties by text).
+
+    The byte-level base vocabulary still encodes any other string ("sks" becomes three byte tokens).
+    """
+    from .tiny import _bytes_to_unicode
+
+    byte_char = _bytes_to_unicode()
+    pieces = [[byte_char[b] for b in word.encode()] for word in words]
+    for piece in pieces:
+        piece[-1] += "</w>"
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for piece in pieces:
+            for pair in itertools.pairwise(piece):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for n, piece in enumerate(pieces):
+            merged, i = [], 0
+            while i < len(piece):
+                if i + 1 < len(piece) and (piece[i], piece[i + 1]) == best:
+                    merged.append(piece[i] + piece[i + 1])
+                    i += 2
+                else:
+                    merged.append(piece[i])
+                    i += 1
+            pieces[n] = merged
+
+
+def build_clip_tokenizer():
+    """A CLIP tokenizer whose vocabulary holds the world's words whole, on top of the 256 bytes."""
+    from transformers import CLIPTokenizer
+
+    from .tiny import build_tokenizers
+
+    base, _ = build_tokenizers()
+    vocab = dict(base.get_vocab())
+    merges = train_merges(world_words())
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_LENGTH)
+
+
+def build_components(config: BuildConfig):
+    """Untrained modules of a tiny-world pipeline (seeded), plus the CLIP model whose towers it shares."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UniDiffuserModel, UniDiffuserTextDecoder
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from .tiny import build_tokenizers
+
+    torch.manual_seed(config.seed)
+    _, text_tokenizer = build_tokenizers()
+    clip_tokenizer = build_clip_tokenizer()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+        block_out_channels=config.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+    width = config.clip_width
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": len(clip_tokenizer),
+                "hidden_size": width,
+                "intermediate_size": 4 * width,
+                "num_hidden_layers": config.clip_layers,
+                "num_attention_heads": 4,
+                "max_position_embeddings": TEXT_LENGTH,
+                "hidden_act": "quick_gelu",
+                "bos_token_id": 512,
+                "eos_token_id": 513,
+                "pad_token_id": 513,
+            },
+            vision_config={
+                "hidden_size": width,
+                "intermediate_size": 4 * width,
+                "num_hidden_layers": config.clip_layers,
+                "num_attention_heads": 4,
+                "image_size": IMAGE_SIZE,
+                "patch_size": 4,
+                "hidden_act": "quick_gelu",
+            },
+            projection_dim=config.clip_dim,
+        )
+    )
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    text_decoder = UniDiffuserTextDecoder(
+        prefix_length=TEXT_LENGTH,
+        prefix_inner_dim=width,
+        prefix_hidden_dim=config.text_dim,
+        vocab_size=len(text_tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=128,
+        activation_function="gelu",
+    )
+    lm_head = text_decoder.transformer.lm_head  # untied: safetensors refuses shared storage
+    lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone())
+    text_decoder.transformer.config.tie_word_embeddings = False
+    text_decoder.transformer.config.bos_token_id = text_decoder.transformer.config.eos_token_id = 256
+    unet = UniDiffuserModel(
+        text_dim=config.text_dim,
+        clip_img_dim=config.clip_dim,
+        num_text_tokens=TEXT_LENGTH,
+        num_attention_heads=config.uvit_heads,
+        attention_head_dim=config.uvit_head_dim,
+        in_channels=4,
+        out_channels=4,
+        num_layers=config.uvit_layers,
+        dropout=0.0,
+        norm_num_groups=32,
+        attention_bias=False,
+        sample_size=IMAGE_SIZE // 4,
+        patch_size=2,
+        activation_fn="gelu",
+        num_embeds_ada_norm=1000,
+        norm_type="layer_norm",
+        block_type="unidiffuser",
+        pre_layer_norm=False,
+        use_timestep_embedding=False,
+        norm_elementwise_affine=True,
+        use_patch_pos_embed=False,
+        ff_final_dropout=True,
+        use_data_type_embedding=True,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", solver_order=3
+    )
+    parts = {
+        "vae": vae,
+        "clip_tokenizer": clip_tokenizer,
+        "text_tokenizer": text_tokenizer,
+        "clip_image_processor": processor,
+        "text_decoder": text_decoder,
+        "unet": unet,
+        "scheduler": scheduler,
+    }
+    return parts, clip
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _steps(name: str, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(total), desc=name, unit="step")
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_vae(vae, pixels: torch.Tensor, config: BuildConfig) -> list[float]:
+    """Reconstruction (L1 + MSE) plus a small KL term, as SD's VAE (without its adversarial and LPIPS terms)."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    losses = []
+    vae.train()
+    for step in (bar := _steps("vae", config.vae_steps)):
+        _set_lr(optimizer, _cosine_lr(step, config.vae_steps, config.vae_lr))
+        index = torch.randint(0, len(pixels), (config.vae_batch,), generator=generator)
+        batch = pixels[index]
+        dist = vae.encode(batch).latent_dist
+        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)
+        recon = vae.decode(latents).sample
+        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
+        loss = (recon - batch).abs().mean() + (recon - batch).pow(2).mean() + config.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+    vae.eval()
+    return losses
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+
+
+def train_clip(clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: list[str], config) -> list[float]:
+    """Contrastive image-caption training; pictures that share a caption are all positives of it."""
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=config.clip_lr, weight_decay=0.1)
+    caption_ids = torch.tensor(_caption_ids(captions))
+    losses = []
+    clip.train()
+    for step in (bar := _steps("clip", config.clip_steps)):
+        _set_lr(optimizer, _cosine_lr(step, config.clip_steps, config.clip_lr))
+        index = torch.randint(0, len(clip_pixels), (config.clip_batch,), generator=generator)
+        image = F.normalize(
+            clip.visual_projection(clip.vision_model(pixel_values=clip_pixels[index]).pooler_output), dim=-1
+        )
+        text = F.normalize(clip.text_projection(clip.text_model(input_ids=tokens[index]).pooler_output), dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * image @ text.T
+        same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+    clip.eval()
+    return losses
+
+
+def _caption_ids(captions: list[str]) -> list[int]:
+    ids: dict[str, int] = {}
+    return [ids.setdefault(c, len(ids)) for c in captions]
+
+
+def pipeline_encoders(clip, clip_pixels: torch.Tensor):
+    """The CLIP towers as the pipeline's text encoder and image encoder.
+
+    The image projection is rescaled so that image embeddings have unit variance per element on the world:
+    UniDiffuser noises them like the VAE latents. Cosine similarities are unchanged by the scale.
+    """
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    image_encoder = CLIPVisionModelWithProjection(clip.config.vision_config)
+    image_encoder.config.projection_dim = clip.config.projection_dim
+    image_encoder.visual_projection = torch.nn.Linear(
+        clip.config.vision_config.hidden_size, clip.config.projection_dim, bias=False
+    )
+    state = {k: v for k, v in clip.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
+    image_encoder.load_state_dict(state)
+    with torch.no_grad():
+        embeds = torch.cat([image_encoder(pixel_values=b).image_embeds for b in clip_pixels.split(256)])
+        image_encoder.visual_projection.weight.mul_(1.0 / embeds.std().item())
+    return text_encoder.eval(), image_encoder.eval()
+
+
+def train_uvit(parts, latents, clip_embeds, hidden, prompt_index, config: BuildConfig) -> list[float]:
+    """UniDiffuser's t2i objective (lora_db's dreambooth_loss) on the whole U-ViT and the prompt projection."""
+    from diffusers import DDPMScheduler
+
+    from .objective import dreambooth_loss
+
+    unet, text_decoder = parts["unet"], parts["text_decoder"]
+    noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    generator = torch.Generator().manual_seed(config.seed + 3)
+    trained = [*unet.parameters(), *text_decoder.encode_prefix.parameters()]
+    optimizer = torch.optim.AdamW(trained, lr=config.uvit_lr, weight_decay=0.01)
+    mean, std = latents
+    scale = parts["vae"].config.scaling_factor
+    losses = []
+    unet.train()
+    for step in (bar := _steps("u-vit", config.uvit_steps)):
+        _set_lr(optimizer, _cosine_lr(step, config.uvit_steps, config.uvit_lr, warmup=100))
+        index = torch.randint(0, len(mean), (config.uvit_batch,), generator=generator)
+        noise = torch.randn(mean[index].shape, generator=generator)
+        batch_latents = (mean[index] + std[index] * noise) * scale
+        prompt_embeds = text_decoder.encode(hidden[prompt_index[index]])
+        loss = dreambooth_loss(
+            unet, batch_latents, clip_embeds[index], prompt_embeds, noise_scheduler, generator, config.uncond_prob
+        ).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+    unet.eval()
+    return losses
+
+
+def build(out: str | Path, config: BuildConfig | None = None) -> dict:
+    """Draw the world, train VAE, CLIP and U-ViT, and save a diffusers UniDiffuser folder to `out`."""
+    from diffusers import UniDiffuserPipeline
+
+    from .data import to_tensor
+    from .io import atomic_directory, atomic_write_json
+    from .tiny import derive_scaling_factor
+
+    config = config or BuildConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    try:
+        world = make_world(config.world_size, config.seed)
+        images = [image for image, _ in world]
+        captions = [caption for _, caption in world]
+        pixels = torch.stack([to_tensor(image) for image in images])
+        parts, clip = build_components(config)
+        config.timings_s["world"] = time.perf_counter() - started
+
+        mark = time.perf_counter()
+        vae_losses = train_vae(parts["vae"], pixels, config)
+        vae = parts["vae"]
+        vae.register_to_config(scaling_factor=derive_scaling_factor(vae, pixels[:512], seed=config.seed))
+        with torch.no_grad():
+            dists = [vae.encode(b).latent_dist for b in pixels.split(256)]
+        latents = (torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]))
+        config.timings_s["vae"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        clip_pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
+        tokens = _tokens(parts["clip_tokenizer"], captions)
+        clip_losses = train_clip(clip, clip_pixels, tokens, captions, config)
+        text_encoder, image_encoder = pipeline_encoders(clip, clip_pixels)
+        with torch.no_grad():
+            clip_embeds = torch.cat([image_encoder(pixel_values=b).image_embeds for b in clip_pixels.split(256)])
+            unique = sorted(set(captions))
+            hidden = text_encoder(_tokens(parts["clip_tokenizer"], unique))[0]
+        prompt_index = torch.tensor([unique.index(c) for c in captions])
+        config.timings_s["clip"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        uvit_losses = train_uvit(parts, latents, clip_embeds[:, None], hidden, prompt_index, config)
+        config.timings_s["uvit"] = time.perf_counter() - mark
+        config.timings_s["total"] = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+
+    pipe = UniDiffuserPipeline(text_encoder=text_encoder, image_encoder=image_encoder, **parts)
+    report = {
+        "config": asdict(config),
+        "scaling_factor": vae.config.scaling_factor,
+        "final_losses": {
+            "vae": statistics_mean(vae_losses[-50:]),
+            "clip": statistics_mean(clip_losses[-50:]),
+            "uvit": statistics_mean(uvit_losses[-50:]),
+        },
+        "torch": torch.__version__,
+    }
+    with atomic_directory(out, replace=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        clip.save_pretrained(tmp / "clip", safe_serialization=True)
+        parts["clip_tokenizer"].save_pretrained(tmp / "clip")
+        parts["clip_image_processor"].save_pretrained(tmp / "clip")
+        atomic_write_json(tmp / "build.json", report)
+    return report
+
+
+# -- using it -------------------------------------------------------------------------------------------------------
+
+
+def asset_dir() -> Path:
+    """The shipped tiny-world folder; a clear error if this copy of lora-db lacks it."""
+    if not (ASSET_DIR / "model_index.json").is_file():
+        raise LoraDBError(
+            f"--model {NAME}: its weights are missing from {ASSET_DIR}; build them with "
+            f"`python -m lora_db.tiny_world build {ASSET_DIR}`"
+        )
+    return ASSET_DIR
+
+
+PREVIEW_PROMPTS = (
+    "a photo of a red robot in a room",
+    "a photo of a blue car on the beach",
+    "a photo of a yellow house on grass",
+    "a photo of a purple ball at night",
+    "a photo of a green robot on the beach",
+    "a photo of an orange car at night",
+)
+
+
+def preview(out: str | Path, model: str | Path | None = None, seeds: int = 4, steps: int = 20) -> Path:
+    """A grid of samples: one prompt per column, one seed per row."""
+    from .models import load_pipeline
+    from .sampling import generate_images, image_grid, save_png
+
+    pipe = load_pipeline(str(model or NAME))
+    pipe.set_progress_bar_config(disable=True)
+    columns = [generate_images(pipe, p, seeds, seed=0, num_inference_steps=steps) for p in PREVIEW_PROMPTS]
+    rows = [[column[i] for column in columns] for i in range(seeds)]
+    grid = image_grid(rows, [f"seed {i}" for i in range(seeds)], list(PREVIEW_PROMPTS), min_cell_size=128)
+    return save_png(grid, out, {"model": str(model or NAME), "steps": steps})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lora_db.tiny_world", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser = commands.add_parser("build", help="draw the world and pretrain every part into DIR")
+    build_parser.add_argument("out", type=Path)
+    for name in ("vae_steps", "clip_steps", "uvit_steps", "world_size", "threads", "seed"):
+        build_parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildConfig, name))
+    preview_parser = commands.add_parser("preview", help="grid of samples: prompt per column, seed per row")
+    preview_parser.add_argument("--out", type=Path, required=True)
+    preview_parser.add_argument("--model", default=NAME)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .models import quiet_library_logs
+
+    quiet_library_logs()
+    if args.command == "build":
+        values = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
+        report = build(args.out, BuildConfig(**values))
+        print(json.dumps({k: report[k] for k in ("scaling_factor", "final_losses")}, indent=1))
+        print(f"built {args.out} in {report['config']['timings_s']['total']:.0f} s")
+    else:
+        print(f"wrote {preview(args.out, args.model)}")
+
+
+if __name__ == "__main__":
+    main()
