@@ -10,6 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """A test that sets a run up without train() (or fails half-way) leaves accelerate's process-wide state
+    behind, and the next test's Accelerator would refuse other precision settings: clear it after every test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors gain nothing from threads, and on a busy 2-core machine spinning threads make each op crawl."""

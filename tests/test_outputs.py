@@ -29,6 +29,11 @@ VALIDATION = {
 }
 
 
+needs_tensorboard = pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (pip install -e '.[dev]')"
+)
+
+
 def tensorboard_events(folder) -> dict[str, list]:
     """Every summary value in the event files under `folder`, by tag: (step, value proto)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -41,6 +46,7 @@ def tensorboard_events(folder) -> dict[str, list]:
     return found
 
 
+@needs_tensorboard
 def test_tensorboard_gets_metrics_hyperparameters_and_images_and_a_model_card_is_written(tiny_config):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -211,6 +217,7 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+@needs_tensorboard
 @pytest.mark.slow
 def test_push_to_hub_uploads_the_run_folder_but_not_checkpoints_or_logs(instance_dir, tmp_path):
     hub = FakeHub()
@@ -256,6 +263,7 @@ def test_bad_hub_options(options, fragment, tiny_config):
         tiny_config(**options)
 
 
+@needs_tensorboard
 def test_report_to_resolution():
     from lora_db.tracking import resolve_tracker
 
@@ -281,6 +289,7 @@ def test_wandb_online_without_an_api_key_is_refused_before_loading(tmp_path, mon
     assert resolve_tracker("wandb") == "wandb"
 
 
+@needs_tensorboard
 def test_a_tracker_that_cannot_write_stops_itself_not_the_run(tiny_config, caplog):
     from lora_db.train import train
 

@@ -18,15 +18,6 @@ from lora_db.memory import uvit_blocks
 from lora_db.train import check_before_loading, micro_batch_loss, optimizer_step, setup_accelerator, setup_run, train
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Tests that set a run up without train() leave accelerate's process-wide state behind: clear it."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
