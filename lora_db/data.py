@@ -293,7 +293,9 @@ def check_caption_lengths(
     for record in records:
         caption = record.path.with_suffix(".txt")
         sources.setdefault(record.prompt, str(caption) if caption.is_file() else "--instance-prompt/--class-prompt")
-    sources.update({prompt: option for option, prompt in prompts.items() if prompt})
+    for option, prompt in prompts.items():
+        if prompt:
+            sources.setdefault(prompt, option)  # a prompt that is also a caption keeps the caption's source
     problems = []
     for number, (prompt, source) in enumerate(sources.items()):
         ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
