@@ -187,6 +187,47 @@ def derive_scaling_factor(vae, pixels: torch.Tensor, seed: int = 0) -> float:
     return 1.0 / latents.float().std().item()
 
 
+def uvit(
+    *, text_dim: int, clip_img_dim: int, num_text_tokens: int, heads: int, head_dim: int, layers: int, sample_size: int
+):
+    """A U-ViT with thu-ml/unidiffuser-v1's block layout (its public constructor values), sized by the arguments."""
+    from diffusers import UniDiffuserModel
+
+    return UniDiffuserModel(
+        text_dim=text_dim,
+        clip_img_dim=clip_img_dim,
+        num_text_tokens=num_text_tokens,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        dropout=0.0,
+        norm_num_groups=32,
+        attention_bias=False,
+        sample_size=sample_size,
+        patch_size=2,
+        activation_fn="gelu",
+        num_embeds_ada_norm=1000,
+        norm_type="layer_norm",
+        block_type="unidiffuser",
+        pre_layer_norm=False,
+        use_timestep_embedding=False,
+        norm_elementwise_affine=True,
+        use_patch_pos_embed=False,
+        ff_final_dropout=True,
+        use_data_type_embedding=True,
+    )
+
+
+def untie_caption_lm_head(text_decoder) -> None:
+    """GPT-2 ties lm_head to wte; safetensors refuses shared storage on save, so keep them as separate copies."""
+    lm_head = text_decoder.transformer.lm_head
+    lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone())
+    text_decoder.transformer.config.tie_word_embeddings = False
+    text_decoder.transformer.config.bos_token_id = text_decoder.transformer.config.eos_token_id = 256
+
+
 def build_random_pipeline(preset: str = "tiny", seed: int = 0, device: str | None = None):
     """A complete `UniDiffuserPipeline` of the given size with seeded random weights (fp32, on the CPU).
 
@@ -196,7 +237,6 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, device: str | Non
     from diffusers import (
         AutoencoderKL,
         DPMSolverMultistepScheduler,
-        UniDiffuserModel,
         UniDiffuserPipeline,
         UniDiffuserTextDecoder,
     )
@@ -284,38 +324,18 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, device: str | Non
             activation_function="gelu",
         ),
     )
-    # GPT-2 ties lm_head to wte; safetensors refuses shared storage on save, so keep them as separate copies.
-    lm_head = text_decoder.transformer.lm_head
-    lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone())
-    text_decoder.transformer.config.tie_word_embeddings = False
-    text_decoder.transformer.config.bos_token_id = text_decoder.transformer.config.eos_token_id = 256
+    untie_caption_lm_head(text_decoder)
     unet = _seeded(
         seed + 4,
         device,
-        lambda: UniDiffuserModel(
+        lambda: uvit(
             text_dim=s.text_dim,
             clip_img_dim=s.clip_img_dim,
             num_text_tokens=77,
-            num_attention_heads=s.uvit_heads,
-            attention_head_dim=s.uvit_head_dim,
-            in_channels=4,
-            out_channels=4,
-            num_layers=s.uvit_layers,
-            dropout=0.0,
-            norm_num_groups=32,
-            attention_bias=False,
+            heads=s.uvit_heads,
+            head_dim=s.uvit_head_dim,
+            layers=s.uvit_layers,
             sample_size=s.sample_size,
-            patch_size=2,
-            activation_fn="gelu",
-            num_embeds_ada_norm=1000,
-            norm_type="layer_norm",
-            block_type="unidiffuser",
-            pre_layer_norm=False,
-            use_timestep_embedding=False,
-            norm_elementwise_affine=True,
-            use_patch_pos_embed=False,
-            ff_final_dropout=True,
-            use_data_type_embedding=True,
         ),
     )
     scheduler = DPMSolverMultistepScheduler(

@@ -319,10 +319,10 @@ def build_clip_tokenizer():
 
 def build_components(config: BuildConfig):
     """Untrained modules of a tiny-world pipeline (seeded), plus the CLIP model whose towers it shares."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UniDiffuserModel, UniDiffuserTextDecoder
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UniDiffuserTextDecoder
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from .tiny import build_tokenizers
+    from .tiny import build_tokenizers, untie_caption_lm_head, uvit
 
     torch.manual_seed(config.seed)
     _, text_tokenizer = build_tokenizers()
@@ -381,34 +381,15 @@ def build_components(config: BuildConfig):
         n_inner=128,
         activation_function="gelu",
     )
-    lm_head = text_decoder.transformer.lm_head  # untied: safetensors refuses shared storage
-    lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone())
-    text_decoder.transformer.config.tie_word_embeddings = False
-    text_decoder.transformer.config.bos_token_id = text_decoder.transformer.config.eos_token_id = 256
-    unet = UniDiffuserModel(
+    untie_caption_lm_head(text_decoder)
+    unet = uvit(
         text_dim=config.text_dim,
         clip_img_dim=config.clip_dim,
         num_text_tokens=TEXT_LENGTH,
-        num_attention_heads=config.uvit_heads,
-        attention_head_dim=config.uvit_head_dim,
-        in_channels=4,
-        out_channels=4,
-        num_layers=config.uvit_layers,
-        dropout=0.0,
-        norm_num_groups=32,
-        attention_bias=False,
+        heads=config.uvit_heads,
+        head_dim=config.uvit_head_dim,
+        layers=config.uvit_layers,
         sample_size=IMAGE_SIZE // 4,
-        patch_size=2,
-        activation_fn="gelu",
-        num_embeds_ada_norm=1000,
-        norm_type="layer_norm",
-        block_type="unidiffuser",
-        pre_layer_norm=False,
-        use_timestep_embedding=False,
-        norm_elementwise_affine=True,
-        use_patch_pos_embed=False,
-        ff_final_dropout=True,
-        use_data_type_embedding=True,
     )
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", solver_order=3
