@@ -15,7 +15,7 @@ houses and balls in six colours and four settings, captioned "a photo of a red r
 The DreamBooth subject is the toy robot of `lora_db.data.make_demo_images` (teal head, red body, yellow star):
 the world's robots are one colour and starless, so the model never saw it.
 
-    python -m lora_db.tiny_world build lora_db/assets/tiny-world    # the shipped weights (see BUILD_SECONDS)
+    python -m lora_db.tiny_world build lora_db/assets/tiny-world    # the shipped weights, bit for bit (~10 min)
     python -m lora_db.tiny_world preview --out grid.png              # prompt per column, seed per row
 
 The result is a plain diffusers UniDiffuser folder; `--model tiny-world` names the copy shipped in the package.
