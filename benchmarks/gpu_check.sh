@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA-only rows of the memory benchmark, on the real-size UniDiffuser architecture (random weights, 512 px):
 # peak CUDA memory (max allocated and reserved, the CUDA context apart), fp16, xformers against SDPA, 8-bit Adam on
-# CUDA, and step times, each beside `lora-db estimate`. Expected to take 5-8 minutes on one recent GPU (not timed:
+# CUDA, the NF4 and int8 bases (QLoRA) with bitsandbytes' CUDA kernels, and step times, each beside `lora-db estimate`. Expected to take 5-8 minutes on one recent GPU (not timed:
 # written on a machine without one); on a card under ~21 GiB the fp32 full fine-tuning row ends as "failed (exit 1)"
 # with the out-of-memory message, which is itself the answer.
 #
@@ -19,4 +19,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 configs=full-fp32-adamw,full-8bit-ckpt,lora-fp16,lora-bf16-ckpt,lora-bf16-ckpt-8bit
 configs+=,lora-bf16-ckpt-8bit-cached,lora-bf16-ckpt-8bit-cached-xformers
+configs+=,lora-bf16-ckpt-8bit-cached-nf4,lora-bf16-ckpt-8bit-cached-int8
 exec python benchmarks/memory.py --models random:unidiffuser-v1 --configs "$configs" --name cuda "$@"

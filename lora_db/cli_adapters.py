@@ -124,6 +124,7 @@ def merge_command(
     model: Annotated[str | None, _merge("model")] = _MERGE.model,
     rank: Annotated[int | None, _merge("rank")] = _MERGE.rank,
     save_dtype: Annotated[Literal["fp32", "fp16", "bf16"], _merge("save_dtype")] = _MERGE.save_dtype,
+    dequantized_base: Annotated[bool, _merge("dequantized_base")] = _MERGE.dequantized_base,
     overwrite: Annotated[bool, _merge("overwrite")] = _MERGE.overwrite,
 ) -> None:
     """Fold adapters into the base weights (a stock diffusers pipeline), or combine them into one adapter.
@@ -140,13 +141,15 @@ def merge_command(
         model=model,
         rank=rank,
         save_dtype=save_dtype,
+        dequantized_base=dequantized_base,
         overwrite=overwrite,
     )
     if config.into_adapter is not None:
         _print_combined(write_combined(config), config)
     else:
         result = merge(config)
-        typer.echo(f"merged {result.layers} layers into {result.out} ({config.save_dtype})")
+        onto = f", onto the {result.dequantized_base} base dequantized" if result.dequantized_base else ""
+        typer.echo(f"merged {result.layers} layers into {result.out} ({config.save_dtype}{onto})")
         typer.echo(f"base model load: {result.base_load_s:.2f} s")
 
 
@@ -182,8 +185,9 @@ def info_lines(info: dict) -> list[str]:
         lines.append(f"trained       {trained}" + (f" at {info['resolution']} px" if info["resolution"] else ""))
     if info.get("quantize_base") not in (None, "", "none"):
         lines.append(
-            f"trained on    a {info['quantize_base']}-quantized base (QLoRA); merge folds it into the full-precision "
-            "base, or sample with --quantize-base " + info["quantize_base"]
+            f"trained on    a {info['quantize_base']}-quantized base (QLoRA): sample it with --quantize-base "
+            f"{info['quantize_base']}, or merge it with --dequantized-base (onto the base training saw) or without "
+            "(onto the full-precision base)"
         )
     for source in info.get("combined_from", []):
         lines.append(f"combined from {source['path']} x{source['weight']:g} ({source['instance_prompt']!r})")

@@ -113,6 +113,11 @@ class MergeConfig:
         None, "With --into-adapter: SVD to this rank instead of exact rank concatenation.", minimum=1
     )
     save_dtype: Literal["fp32", "fp16", "bf16"] = _opt("fp32", "dtype of the merged pipeline's weights.")
+    dequantized_base: bool = _opt(
+        False,
+        "For adapters trained with --quantize-base: fold into the base as training saw it (quantized as then, "
+        "stored back in full precision), so the merged model computes what the trained one did.",
+    )
     overwrite: bool = _opt(False, "Replace an output lora-db wrote before.")
 
     def __post_init__(self) -> None:
@@ -125,6 +130,8 @@ class MergeConfig:
             raise LoraDBError("give one of --out DIR (a merged pipeline) or --into-adapter FILE (one adapter)")
         if self.rank is not None and self.into_adapter is None:
             raise LoraDBError("--rank goes with --into-adapter (an SVD of the combined adapter)")
+        if self.dequantized_base and self.into_adapter is not None:
+            raise LoraDBError("--dequantized-base goes with --out (it changes the base, which an adapter file lacks)")
         check_numbers(self)
         for name in ("out", "into_adapter"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():

@@ -123,6 +123,51 @@ class MergeResult:
     base_load_s: float = 0.0
     relative_error: float | None = None
     ranks: dict[str, int] = field(default_factory=dict)
+    dequantized_base: str | None = None  # nf4 / int8: merged onto the base as training quantized it
+
+
+# -- the base as a QLoRA adapter was trained on ---------------------------------------------------------------------
+
+
+def _trained_quantization(adapter: AdapterFile) -> str:
+    return adapter.metadata.get("quantize_base") or "none"
+
+
+def quantization_trained_on(adapters: Weighted) -> tuple[str, str]:
+    """The quantization (nf4, int8) and mixed precision every adapter was trained with, for --dequantized-base."""
+    for adapter, _ in adapters:
+        if _trained_quantization(adapter) == "none":
+            raise LoraDBError(
+                f"--dequantized-base: {adapter.path} was trained on a full-precision base (no --quantize-base); "
+                "merge it without --dequantized-base"
+            )
+    settings = {(_trained_quantization(a), a.metadata.get("mixed_precision") or "no") for a, _ in adapters}
+    if len(settings) > 1:
+        described = ", ".join(sorted(f"{kind} under --mixed-precision {precision}" for kind, precision in settings))
+        raise LoraDBError(
+            f"--dequantized-base: the adapters were trained on differently quantized bases ({described}); "
+            "merge each onto its own base, or all without --dequantized-base"
+        )
+    return settings.pop()
+
+
+def dequantize_base_as_trained(pipe, adapters: Weighted, kind: str, mixed_precision: str) -> None:
+    """Quantize the parts the adapters train as `lora-db train --quantize-base` did (from weights in the training
+    dtype), then store them back as fp32 linear layers: the weights the trained model computed with."""
+    from .memory import weight_dtype
+    from .quantize import check_quantization, dequantize_model, quantize_model
+
+    dtype, device = weight_dtype(mixed_precision), torch.device("cpu")
+    check_quantization(kind, device, dtype)
+    components = {component for adapter, _ in adapters for component in adapter.specs}
+    for component in ("unet", "text_encoder"):
+        if component in components:
+            model = getattr(pipe, component)
+            stored = next(model.parameters()).dtype
+            model.to(dtype)
+            quantize_model(model, kind, dtype, device)
+            dequantize_model(model)
+            model.to(stored)
 
 
 def read_weighted(config: MergeConfig) -> list[tuple[AdapterFile, float]]:
@@ -136,17 +181,32 @@ def merge(config: MergeConfig) -> MergeResult:
 
     adapters = read_weighted(config)
     model = resolve_model(config.model, (a for a, _ in adapters))
+    as_trained = quantization_trained_on(adapters) if config.dequantized_base else None
     with output_lock(config.out, "--out", inside=False):
         check_output_folder(config.out, config.overwrite, MERGE_MARKER)
-        return _merge(config, adapters, model)
+        return _merge(config, adapters, model, as_trained)
 
 
-def _merge(config: MergeConfig, adapters: list[tuple[AdapterFile, float]], model: str) -> MergeResult:
+def _merge(
+    config: MergeConfig, adapters: list[tuple[AdapterFile, float]], model: str, as_trained: tuple[str, str] | None
+) -> MergeResult:
     from .models import load_pipeline
 
     started = time.perf_counter()
     pipe = load_pipeline(model)
     base_load_s = time.perf_counter() - started
+    dequantized = None
+    if as_trained is not None:
+        dequantized, mixed_precision = as_trained
+        dequantize_base_as_trained(pipe, adapters, dequantized, mixed_precision)
+    else:
+        for adapter, _ in adapters:
+            if _trained_quantization(adapter) != "none":
+                logger.info(
+                    "%s was trained on a %s base: merging onto the full-precision base; --dequantized-base merges "
+                    "onto the base training saw",
+                    adapter.path, _trained_quantization(adapter),
+                )  # fmt: skip
     layers = fold_adapters(pipe, adapters)
     dtype = SAVE_DTYPES[config.save_dtype]
     pipe.to(dtype)
@@ -160,11 +220,12 @@ def _merge(config: MergeConfig, adapters: list[tuple[AdapterFile, float]], model
                 "base_model": model,
                 "adapters": [{"path": str(a.path), "weight": w} for a, w in adapters],
                 "save_dtype": config.save_dtype,
+                "dequantized_base": dequantized or "none",
                 "layers_merged": layers,
                 "lora_db_version": __version__,
             },
         )
-    return MergeResult(config.out, layers, base_load_s)
+    return MergeResult(config.out, layers, base_load_s, dequantized_base=dequantized)
 
 
 # -- combining adapters into one ------------------------------------------------------------------------------------

@@ -303,3 +303,28 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_bnb_weight
 
     return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).float()
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every quantized layer by a plain fp32 `nn.Linear` holding the weight it computed with; returns how
+    many. The model then computes (in full precision) what the quantized one did, and a merge can fold LoRA into it.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return 0
+    bnb = _bitsandbytes()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+                continue
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            linear.weight = nn.Parameter(dequantized_weight(child), requires_grad=False)
+            if child.bias is not None:
+                linear.bias = nn.Parameter(child.bias.detach().float(), requires_grad=False)
+            setattr(parent, name, linear)
+            count += 1
+    for mark in _MARKS.values():
+        if hasattr(model, mark):
+            setattr(model, mark, False)
+    return count

@@ -374,6 +374,7 @@ def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
         "steps": str(step),
         "resolution": str(config.resolution),
         "quantize_base": config.quantize_base,
+        "mixed_precision": config.mixed_precision,  # the weights' dtype when the base was quantized
         "lora_db_version": __version__,
     }
 

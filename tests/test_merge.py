@@ -265,8 +265,20 @@ def test_info_reads_metadata_without_loading_a_model(files, monkeypatch, capsys)
         (("--adapter", "{a}", "--into-adapter", "{tmp}/x.bin"), ["end in .safetensors"]),
         (("--adapter", "{a}", "--out", "{tmp}"), ["already exists"]),
         (("--adapter", "{a}", "--out", "{tmp}", "--overwrite"), ["did not write", "will not be replaced"]),
+        (("--adapter", "{a}", "--out", "{tmp}/m", "--dequantized-base"), ["{a}", "full-precision base"]),
+        (("--adapter", "{a}", "--into-adapter", "{tmp}/x.safetensors", "--dequantized-base"), ["goes with --out"]),
     ],
-    ids=["nan-weight", "pickle", "rank-without-into", "no-output", "into-pickle", "out-exists", "foreign-overwrite"],
+    ids=[
+        "nan-weight",
+        "pickle",
+        "rank-without-into",
+        "no-output",
+        "into-pickle",
+        "out-exists",
+        "foreign-overwrite",
+        "dequantized-base-of-a-plain-adapter",
+        "dequantized-base-into-adapter",
+    ],
 )
 def test_merge_errors(extra, fragments, files, tmp_path, monkeypatch, capsys):
     (tmp_path / "x.pt").write_bytes(b"\x80\x04K\x01.")

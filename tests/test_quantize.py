@@ -204,6 +204,39 @@ def test_merged_full_precision_model_matches_base_plus_adapter(pristine, qlora_a
     assert adapter_effect > 3 * tolerance, "the adapter must matter at this tolerance, so the test can fail"
 
 
+def test_merged_onto_the_dequantized_base_computes_what_training_did(
+    pristine, qlora_adapter, tmp_path, monkeypatch, capsys
+):
+    """`merge --dequantized-base` folds the adapter into the weights training computed with (NF4, dequantized):
+    the merged model matches the QLoRA-trained one to fp32 rounding, where the full-precision merge differs by the
+    base's quantization error, and it is a plain fp32 diffusers pipeline."""
+    from diffusers import UniDiffuserPipeline
+
+    from lora_db.merge import dequantize_base_as_trained, quantization_trained_on
+
+    path, trained, _ = qlora_adapter
+    adapter = read_adapter(path)
+    assert quantization_trained_on([(adapter, 1.0)]) == ("nf4", "no")
+    merged = copy.deepcopy(pristine)
+    dequantize_base_as_trained(merged, [(adapter, 1.0)], "nf4", "no")
+    assert not quantized_layers(merged.unet) and not merged.unet.is_loaded_in_4bit
+    assert all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in backbone_linears(merged.unet))
+    fold_adapters(merged, [(adapter, 1.0)])
+    exact = rms(uvit_output(merged.unet) - trained)
+    full_precision = copy.deepcopy(pristine)
+    fold_adapters(full_precision, [(adapter, 1.0)])
+    quantization_error = rms(uvit_output(full_precision.unet) - trained)
+    assert exact <= MERGE_ATOL and quantization_error > 100 * exact, (exact, quantization_error)
+
+    out = tmp_path / "merged"
+    code, printed, err = run_cli(monkeypatch, capsys, "merge", "--adapter", path, "--dequantized-base", "--out", out)
+    assert code == 0, err
+    assert "onto the nf4 base dequantized" in printed
+    assert json.loads((out / "lora_db_merge.json").read_text())["dequantized_base"] == "nf4"
+    stock = UniDiffuserPipeline.from_pretrained(out)
+    np.testing.assert_allclose(uvit_output(stock.unet), trained, rtol=0, atol=MERGE_ATOL)
+
+
 def test_sampling_on_a_4bit_base_reproduces_the_trained_model(qlora_adapter, tmp_path, monkeypatch, capsys):
     import lora_db
 

@@ -190,3 +190,61 @@ def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, on
     assert results["rows"][0]["prior_similarity"] == pytest.approx(1.0)
     assert "| LoRA rank 4 + prior preservation |" in (tmp_path / "quality.md").read_text()
     assert (tmp_path / "quality.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(tmp_path_factory, one_thread):
+    """The same DreamBooth run (bf16 compute) on the bf16 base and on the NF4 base."""
+    from lora_db.config import TrainConfig
+    from lora_db.data import make_demo_images
+    from lora_db.train import train
+
+    work = tmp_path_factory.mktemp("qlora")
+    make_demo_images(work / "photos", count=5, size=64, seed=0)
+    common = {
+        "model": "tiny-world",
+        "instance_dir": work / "photos",
+        "instance_prompt": SUBJECT_PROMPT,
+        "max_train_steps": STEPS,
+        "learning_rate": 1e-3,
+        "uncond_prob": 0.1,
+        "mixed_precision": "bf16",
+        "overwrite": True,
+    }
+    for kind in ("none", "nf4"):
+        train(TrainConfig(output_dir=work / kind, quantize_base=kind, **common))
+    return work
+
+
+def _subject_fidelity(work, adapter, quantize_base: str) -> float:
+    """CLIP-I of four samples of the subject prompt, from the adapter on the base it was trained on."""
+    from lora_db.data import find_images, load_image
+    from lora_db.evaluate import ImageEmbedder, mean_cross_similarity
+    from lora_db.inference import load_pipeline
+    from lora_db.sampling import generate_images
+
+    pipe = load_pipeline("tiny-world", [adapter] if adapter else [], quantize_base=quantize_base)
+    pipe.set_progress_bar_config(disable=True)
+    embed = ImageEmbedder(pipe)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    photos = embed([load_image(p).resize((size, size)) for p in find_images(work / "photos")])
+    samples = generate_images(pipe, SUBJECT_PROMPT, 4, seed=0, num_inference_steps=15)
+    return mean_cross_similarity(embed(samples), photos)
+
+
+@pytest.mark.slow
+def test_an_nf4_trained_adapter_learns_the_subject_as_well_as_a_bf16_trained_one(qlora_runs):
+    """QLoRA on tiny-world: each adapter sampled on the base it was trained on (`sample --quantize-base nf4`, or
+    `merge --dequantized-base`, which computes the same)."""
+    work = qlora_runs
+    bf16 = _subject_fidelity(work, work / "none" / "adapter.safetensors", "none")
+    nf4 = _subject_fidelity(work, work / "nf4" / "adapter.safetensors", "nf4")
+    nf4_base = _subject_fidelity(work, None, "nf4")
+    # Measured (benchmarks/qlora_quality.py, CPU, one thread, training seeds 0-4): bf16 0.71 0.64 0.59 0.55 0.56,
+    # nf4 0.76 0.64 0.57 0.46 0.62 (mean -0.001); this test trains with seed 0. The NF4 base alone scores 0.40.
+    # Before NF4's blocks fitted the rows (bitsandbytes' CPU kernel misdecoding them): nf4 0.54, its base 0.52.
+    assert nf4 > bf16 - MARGIN_QLORA, (nf4, bf16)
+    assert nf4 > nf4_base + MARGIN_LEARNED, (nf4, nf4_base)
+
+
+MARGIN_QLORA = 0.1
