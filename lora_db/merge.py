@@ -153,7 +153,9 @@ def quantization_trained_on(adapters: Weighted) -> tuple[str, str]:
 
 def dequantize_base_as_trained(pipe, adapters: Weighted, kind: str, mixed_precision: str) -> None:
     """Quantize the parts the adapters train as `lora-db train --quantize-base` did (from weights in the training
-    dtype), then store them back as fp32 linear layers: the weights the trained model computed with."""
+    dtype), then store them back as fp32 linear layers: the weights the trained model computed with. (int8 also
+    rounds each layer's input to 8 bits, which no stored weight can reproduce; NF4 computes with its weights as
+    they are stored here.)"""
     from .memory import weight_dtype
     from .quantize import check_quantization, dequantize_model, quantize_model
 

@@ -192,6 +192,29 @@ def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, on
     assert (tmp_path / "quality.png").is_file()
 
 
+@pytest.mark.slow
+def test_qlora_quality_benchmark_scores_each_adapter_on_both_bases(tmp_path, monkeypatch, one_thread):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import qlora_quality
+    finally:
+        sys.path.pop(0)
+    args = "--seeds 0,1 --kinds bf16,nf4 --steps 3 --num-images 1 --inference-steps 2"
+    argv = ["qlora_quality.py", *args.split(), "--out", str(tmp_path), "--work", str(tmp_path / "w")]
+    monkeypatch.setattr(sys, "argv", argv)
+    qlora_quality.main()
+    rows = json.loads((tmp_path / "qlora-quality.json").read_text())["rows"]
+    assert [(r["kind"], r["seed"]) for r in rows] == [("bf16", 0), ("nf4", 0), ("bf16", 1), ("nf4", 1)]
+    assert all(-1 <= r["clip_i"] <= 1 and -1 <= r["clip_i_full_base"] <= 1 for r in rows)
+    assert all(r["clip_i"] == r["clip_i_full_base"] for r in rows if r["kind"] == "bf16")
+    nf4 = [r for r in rows if r["kind"] == "nf4"]
+    assert all(r["clip_i"] != r["clip_i_full_base"] for r in nf4)  # sampled on two different bases
+    assert "| nf4 |" in (tmp_path / "qlora-quality.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def qlora_runs(tmp_path_factory, one_thread):
     """The same DreamBooth run (bf16 compute) on the bf16 base and on the NF4 base."""
