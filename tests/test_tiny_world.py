@@ -168,19 +168,22 @@ MARGIN_LEARNED = 0.3
 MARGIN_PRIOR = 0.3
 
 
-@pytest.mark.slow
-def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, one_thread):
+def run_benchmark(name: str, args: str, out, work, monkeypatch) -> None:
+    """benchmarks/NAME.py's main() with `args`, as its command line would run it."""
+    import importlib
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *args.split(), "--out", str(out), "--work", str(work)])
+    module.main()
+
+
+@pytest.mark.slow
+def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, one_thread):
     args = "--configs lora-r4,lora-r4-prior,full --steps 2 --num-images 2 --inference-steps 2 --class-images 2"
-    monkeypatch.setattr(sys, "argv", ["quality.py", *args.split(), "--out", str(tmp_path), "--work", str(tmp_path)])
-    quality.main()
+    run_benchmark("quality", args, tmp_path, tmp_path, monkeypatch)
     results = json.loads((tmp_path / "quality.json").read_text())
     assert [row["configuration"] for row in results["rows"]] == ["base", "lora-r4", "lora-r4-prior", "full"]
     full = results["rows"][-1]
@@ -194,18 +197,8 @@ def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, on
 
 @pytest.mark.slow
 def test_qlora_quality_benchmark_scores_each_adapter_on_both_bases(tmp_path, monkeypatch, one_thread):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import qlora_quality
-    finally:
-        sys.path.pop(0)
     args = "--seeds 0,1 --kinds bf16,nf4 --steps 3 --num-images 1 --inference-steps 2"
-    argv = ["qlora_quality.py", *args.split(), "--out", str(tmp_path), "--work", str(tmp_path / "w")]
-    monkeypatch.setattr(sys, "argv", argv)
-    qlora_quality.main()
+    run_benchmark("qlora_quality", args, tmp_path, tmp_path / "w", monkeypatch)
     rows = json.loads((tmp_path / "qlora-quality.json").read_text())["rows"]
     assert [(r["kind"], r["seed"]) for r in rows] == [("bf16", 0), ("nf4", 0), ("bf16", 1), ("nf4", 1)]
     assert all(-1 <= r["clip_i"] <= 1 and -1 <= r["clip_i_full_base"] <= 1 for r in rows)
