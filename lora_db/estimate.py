@@ -164,8 +164,9 @@ def parse_memory(text: str) -> int:
 
 def meta_pipeline(model: str):
     """The pipeline's modules on the meta device: shapes and dtypes of the real thing, no weights loaded."""
-    from .models import random_preset
+    from .models import local_model, random_preset
 
+    model = local_model(model)
     preset = random_preset(model)
     if preset is not None:
         from .tiny import build_random_pipeline
@@ -178,24 +179,24 @@ def _meta_pipeline_from_configs(model: str):
     from diffusers import AutoencoderKL, UniDiffuserModel, UniDiffuserPipeline, UniDiffuserTextDecoder
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .models import load_unet_config
+    from .models import load_options, load_unet_config
 
     load_unet_config(model)  # a clear error if the folder or hub id is not there
+    options = load_options(model)  # the hub's local cache when the hub is out of reach
     with torch.device("meta"):
         components = {
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae")),
-            "unet": UniDiffuserModel.from_config(UniDiffuserModel.load_config(model, subfolder="unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **options)),
+            "unet": UniDiffuserModel.from_config(UniDiffuserModel.load_config(model, subfolder="unet", **options)),
             "text_decoder": UniDiffuserTextDecoder.from_config(
-                UniDiffuserTextDecoder.load_config(model, subfolder="text_decoder")
+                UniDiffuserTextDecoder.load_config(model, subfolder="text_decoder", **options)
             ),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **options)),
             "image_encoder": CLIPVisionModelWithProjection(
-                CLIPVisionConfig.from_pretrained(model, subfolder="image_encoder")
+                CLIPVisionConfig.from_pretrained(model, subfolder="image_encoder", **options)
             ),
         }
     # Modules passed in are taken as they are: only tokenizers, image processor and scheduler are read.
-    pipe = UniDiffuserPipeline.from_pretrained(model, **components)
-    return pipe
+    return UniDiffuserPipeline.from_pretrained(model, **components, **options)
 
 
 # -- fake tensors -----------------------------------------------------------------------------------------------

@@ -84,6 +84,12 @@ def _is_hub_id(model: str) -> bool:
     return random_preset(model) is None and not Path(model).expanduser().exists()
 
 
+def load_options(model: str) -> dict[str, Any]:
+    """Keyword arguments for diffusers' / transformers' loaders: a local folder needs none, a hub id may need
+    the local cache (`hub_load_options`). `model` is already resolved by `local_model`."""
+    return hub_load_options(model) if _is_hub_id(model) else {}
+
+
 def _check_local_folder(model: str) -> None:
     path = Path(model)
     looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists() or model.count("/") != 1
@@ -113,7 +119,7 @@ def load_unet_config(model: str) -> dict[str, Any]:
     _check_local_folder(model)
     from diffusers import AutoencoderKL, UniDiffuserModel
 
-    options = hub_load_options(model) if _is_hub_id(model) else {}
+    options = load_options(model)
     try:
         config = dict(UniDiffuserModel.load_config(model, subfolder="unet", **options))
         vae_blocks = len(AutoencoderKL.load_config(model, subfolder="vae", **options)["block_out_channels"])
@@ -153,7 +159,7 @@ def load_pipeline(model: str, torch_dtype=None):
     _check_local_folder(model)
     from diffusers import UniDiffuserPipeline
 
-    options = hub_load_options(model) if _is_hub_id(model) else {}
+    options = load_options(model)
     try:
         # Only safetensors weights are read: a folder with pickle weights alone is refused by diffusers.
         with warnings.catch_warnings():

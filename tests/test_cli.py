@@ -142,6 +142,32 @@ def test_hub_out_of_network_reach_is_one_line_at_once(instance_dir, tmp_path):
     assert "--model DIR" in line
 
 
+def test_a_cached_hub_model_trains_and_estimates_when_the_hub_is_out_of_reach(instance_dir, tmp_path):
+    """A hub id whose snapshot is in the local Hugging Face cache (tiny-world, as acme/tiny-world) loads from the
+    cache, with one warning, when the hub does not answer."""
+    import shutil
+
+    from lora_db.tiny_world import asset_dir
+
+    revision = "0" * 40
+    repo = tmp_path / "hf-home" / "hub" / "models--acme--tiny-world"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(asset_dir(), repo / "snapshots" / revision)
+    env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf-home")}
+
+    out = tmp_path / "out"
+    args = train_args(instance_dir, out, "--model", "acme/tiny-world", "--max-train-steps", "2")
+    result = run([*CLI, *map(str, args)], env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "out of reach: loading acme/tiny-world from the local cache" in result.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    estimate = run([*CLI, "estimate", "--model", "acme/tiny-world"], env=env, timeout=300)
+    assert estimate.returncode == 0, estimate.stderr[-3000:]
+    assert "peak of the step" in estimate.stdout
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(instance_dir, tmp_path):
     steps = ["--max-train-steps", "120", "--lora-dropout", "0.1"]
     reference = tmp_path / "reference"

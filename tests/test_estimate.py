@@ -92,6 +92,21 @@ def test_full_fine_tuning_pays_for_every_unet_weight(lora):
     assert estimate.peak_bytes > lora_estimate.peak_bytes
 
 
+def test_the_shipped_tiny_world_is_estimated_from_its_folder(monkeypatch):
+    """`--model tiny-world` names the folder in the package, for the estimate as for training: no hub lookup."""
+    import lora_db.models
+    from lora_db.tiny_world import asset_dir
+
+    def no_hub(model):
+        raise AssertionError(f"{model} looked up on the hub")
+
+    monkeypatch.setattr(lora_db.models, "hub_load_options", no_hub)
+    named = estimate_memory(TrainConfig(model="tiny-world", cache_latents=True), device="cpu")
+    folder = estimate_memory(TrainConfig(model=str(asset_dir()), cache_latents=True), device="cpu")
+    assert named.peak_bytes == folder.peak_bytes > 0 and named.components == folder.components
+    assert named.resolution == 32  # tiny-world's own, not a default
+
+
 def test_cached_latents_release_the_encoders():
     estimate = estimate_memory(TrainConfig(model="tiny", cache_latents=True), device="cpu")
     for name in ("vae", "image_encoder", "text_encoder"):
