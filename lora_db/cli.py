@@ -116,7 +116,8 @@ def main() -> None:
     except LoraDBError as err:
         if _debug_enabled():
             raise
-        typer.echo(f"error: {err}", err=True)
+        if not getattr(err, "quiet", False):
+            typer.echo(f"error: {err}", err=True)
         sys.exit(getattr(err, "exit_code", 1))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

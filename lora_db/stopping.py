@@ -29,9 +29,10 @@ class TrainingInterrupted(LoraDBError):
 
     exit_code = 130
 
-    def __init__(self, message: str, signum: int = signal.SIGINT):
+    def __init__(self, message: str, signum: int = signal.SIGINT, quiet: bool = False):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+        self.quiet = quiet  # the other processes of a multi-process run: the main process says it
 
 
 class StopRequest:

@@ -299,10 +299,17 @@ def rng_state(generator: torch.Generator, accelerator) -> dict[str, torch.Tensor
 
 
 def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, rank: int) -> None:
-    generator.set_state(rng["noise"][rank].to(torch.uint8))
-    torch.set_rng_state(rng["torch"][rank].to(torch.uint8))
+    """This process's row of the gathered states. Each row is copied into a tensor of its own first: torch's
+    `set_state` reads a state from the start of its storage, so rank 1's row of the (processes, bytes) tensor, a
+    view at an offset, was refused as an invalid mt19937 state or crashed the process."""
+
+    def own(name: str) -> torch.Tensor:
+        return rng[name][rank].to(torch.uint8).clone()
+
+    generator.set_state(own("noise"))
+    torch.set_rng_state(own("torch"))
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"][rank].to(torch.uint8))
+        torch.cuda.set_rng_state(own("cuda"))
 
 
 def restore(path: Path, models: Models, optimizer, scheduler, generator: torch.Generator, accelerator) -> int:
@@ -855,11 +862,13 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
                 saved = checkpoint(run, step, record)
                 stop.note_checkpoint(time.perf_counter() - started, saved)
                 if stopping:
+                    where = f"saved to {saved}" if saved is not None else "saved by the main process"
                     raise TrainingInterrupted(
-                        f"stopped by {stop.name or 'a signal to another process'} at step {step}; checkpoint saved to "
-                        f"{saved} in {stop.checkpoint_s:.1f} s; continue with the same command and "
+                        f"stopped by {stop.name or 'a signal to another process'} at step {step}; checkpoint {where} "
+                        f"in {stop.checkpoint_s:.1f} s; continue with the same command and "
                         "--resume-from-checkpoint latest",
                         stop.signum or 15,
+                        quiet=not accelerator.is_main_process,  # one message per run, from the process that saved
                     )
             is_last = step == config.max_train_steps
             if config.validation_prompt and (step % config.validation_steps == 0 or is_last):

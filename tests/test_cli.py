@@ -205,20 +205,8 @@ def free_port() -> int:
 def test_two_process_data_parallel_run(instance_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "lora_db.cli",
-        *map(str, train_args(instance_dir, out, "--max-train-steps", "10", "--checkpointing-steps", "5")),
-        "--train-text-encoder",
-    ]
-    result = run(command, env=env, timeout=600)
+    extra = ["--max-train-steps", "10", "--checkpointing-steps", "5", "--train-text-encoder"]
+    result = run(torchrun(instance_dir, out, *extra), env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2
@@ -228,6 +216,54 @@ def test_two_process_data_parallel_run(instance_dir, tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
     assert result.stdout.count("adapter:") == 1  # only the main process writes and reports
+
+
+def torchrun(instance_dir, out, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "lora_db.cli",
+        *map(str, train_args(instance_dir, out, *extra)),
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_once_and_resume_matches_an_uninterrupted_run(instance_dir, tmp_path):
+    """Preemption of a two-process run (torchrun forwards SIGTERM to both workers): the processes agree on the
+    step, the main one saves the checkpoint and says so once, and resuming reproduces the uninterrupted run."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    steps = ["--max-train-steps", "200", "--lora-dropout", "0.1"]
+    reference = tmp_path / "reference"
+    result = run(torchrun(instance_dir, reference, *steps), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    out = tmp_path / "out"
+    metrics = out / "metrics.jsonl"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with spawn(torchrun(instance_dir, out, *steps), env=env, **pipes) as process:
+        deadline = time.time() + 300
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    stops = [line for line in stderr.splitlines() if line.startswith("error: stopped by SIGTERM")]
+    assert len(stops) == 1 and f"saved to {out}" in stops[0], stderr[-3000:]
+    (saved,) = out.glob("checkpoint-*")
+    step = int(saved.name.removeprefix("checkpoint-"))
+    assert 3 <= step < 200 and len(metrics.read_text().splitlines()) == step
+    assert not (out / "adapter.safetensors").exists()
+
+    result = run(torchrun(instance_dir, out, *steps, "--resume-from-checkpoint", "latest"), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    expected = [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert losses == expected
 
 
 def test_train_help_shows_every_default():

@@ -197,6 +197,23 @@ def test_class_images_are_generated_once_and_reused(tiny_config, tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
 
 
+def test_every_process_restores_its_own_rng_row():
+    """A checkpoint holds one row of RNG state per process; rank 1's row must restore rank 1's generators
+    exactly (a view of that row was refused by torch, so no multi-process run could resume)."""
+    from lora_db.train import restore_rng_state
+
+    states = []
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed + 10)
+        states.append({"noise": generator.get_state(), "torch": torch.get_rng_state()})
+    gathered = {name: torch.stack([state[name] for state in states]) for name in ("noise", "torch")}
+    for rank, state in enumerate(states):
+        generator = torch.Generator()
+        restore_rng_state(gathered, generator, rank)
+        assert torch.equal(generator.get_state(), state["noise"]) and torch.equal(torch.get_rng_state(), state["torch"])
+
+
 def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
     options = {
         "max_train_steps": 8,
