@@ -298,10 +298,18 @@ def rng_state(generator: torch.Generator, accelerator) -> dict[str, torch.Tensor
     return {name: accelerator.gather(state.to(accelerator.device)[None]).cpu() for name, state in local.items()}
 
 
-def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, rank: int) -> None:
+def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, rank: int, reseed: int = 0) -> None:
     """This process's row of the gathered states. Each row is copied into a tensor of its own first: torch's
     `set_state` reads a state from the start of its storage, so rank 1's row of the (processes, bytes) tensor, a
-    view at an offset, was refused as an invalid mt19937 state or crashed the process."""
+    view at an offset, was refused as an invalid mt19937 state or crashed the process.
+
+    A process the checkpoint has no row for (resuming with more processes than wrote it) seeds its generators
+    from `reseed` and its rank instead.
+    """
+    if rank >= rng["noise"].shape[0]:
+        generator.manual_seed(reseed * 7919 + rank)
+        torch.manual_seed(reseed * 7919 + rank)
+        return
 
     def own(name: str) -> torch.Tensor:
         return rng[name][rank].to(torch.uint8).clone()
@@ -312,7 +320,9 @@ def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, 
         torch.cuda.set_rng_state(own("cuda"))
 
 
-def restore(path: Path, models: Models, optimizer, scheduler, generator: torch.Generator, accelerator) -> int:
+def restore(
+    path: Path, models: Models, optimizer, scheduler, generator: torch.Generator, accelerator, seed: int = 0
+) -> int:
     state = load_checkpoint(path)
     params = trainable_state(models)
     if set(state.trainable) != set(params):
@@ -330,7 +340,14 @@ def restore(path: Path, models: Models, optimizer, scheduler, generator: torch.G
             params[name].copy_(tensor)
     optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
-    restore_rng_state(state.rng, generator, accelerator.process_index)
+    written_by = state.rng["noise"].shape[0]
+    if written_by != accelerator.num_processes and accelerator.is_main_process:
+        logger.warning(
+            "%s was written by %d process(es), resumed by %d: weights, optimizer and schedule continue from step %d, "
+            "but the data order and random draws differ from a run that kept %d",
+            path, written_by, accelerator.num_processes, state.step, written_by,
+        )  # fmt: skip
+    restore_rng_state(state.rng, generator, accelerator.process_index, reseed=seed + state.step)
     restore_scaler(state.scaler, accelerator, path)
     return state.step
 
@@ -666,7 +683,9 @@ def resume(run: Run, checkpoint: Path | None) -> int:
     config = run.config
     step = 0
     if checkpoint is not None:
-        step = restore(checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator)
+        step = restore(
+            checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator, config.seed
+        )
         logger.info("resumed from %s at step %d", checkpoint, step)
         if config.lr_scheduler != "constant":
             logger.info("the %s learning-rate schedule spans %d steps", config.lr_scheduler, config.max_train_steps)

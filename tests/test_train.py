@@ -244,6 +244,38 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
 
 
+def test_resuming_with_another_process_count_continues_and_says_what_differs(tiny_config, tmp_path, caplog):
+    """A checkpoint two processes wrote, resumed by one: that process takes its own (rank 0) row and the run
+    continues, with one warning; a process without a row seeds itself instead of failing."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_db.train import restore_rng_state
+
+    options = {"max_train_steps": 6, "checkpointing_steps": 3, "lora_dropout": 0.1}
+    full = tmp_path / "full"
+    train(tiny_config(output_dir=full, **options))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(full)[:3]))
+    rng_file = resumed / "checkpoint-3" / "rng.safetensors"
+    rng = load_file(str(rng_file))
+    save_file({name: torch.cat([rows, rows.flip(-1)]) for name, rows in rng.items()}, str(rng_file))  # 2 rows
+    with caplog.at_level(logging.WARNING, logger="lora_db"):
+        train(tiny_config(output_dir=resumed, resume_from_checkpoint="latest", **options))
+    assert "written by 2 process(es), resumed by 1" in caplog.text
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(full)]  # rank 0's row, as before
+
+    generators = []
+    for rank in (1, 2):  # more processes than rows: seeded by rank, not refused
+        generator = torch.Generator()
+        restore_rng_state(rng, generator, rank, reseed=5)
+        generators.append(generator.get_state())
+    assert not torch.equal(*generators)
+
+
 def test_checkpoint_pruning_keeps_the_newest(tiny_config):
     config = tiny_config(max_train_steps=10, checkpointing_steps=2, checkpoints_total_limit=2)
     train(config)
