@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import find_images
+from .data import CLASS_MANIFEST, find_images
 from .errors import LoraDBError
 from .io import atomic_write_json
 
 logger = logging.getLogger("lora_db")
 
-MANIFEST = "lora-db-class-images.json"
+MANIFEST = CLASS_MANIFEST
 
 
 def model_identity(model: str) -> str:

@@ -24,6 +24,7 @@ from .errors import LoraDBError
 from .io import atomic_write
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CLASS_MANIFEST = "lora-db-class-images.json"  # lora-db's record of the class images it generated (class_images.py)
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 MAX_ASPECT_RATIO = 4.0
 
@@ -83,7 +84,7 @@ def _is_image_file(path: Path) -> bool:
 
 def _is_ignored_file(path: Path) -> bool:
     """A file the user may have meant as a photo (a .heic, a .gif) but that lora-db does not read."""
-    if path.name.startswith(".") or path.suffix.lower() in (*IMAGE_EXTENSIONS, ".txt"):
+    if path.name.startswith(".") or path.suffix.lower() in (*IMAGE_EXTENSIONS, ".txt") or path.name == CLASS_MANIFEST:
         return False
     return path.is_file() or _is_broken_link(path)
 

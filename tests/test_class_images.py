@@ -31,13 +31,15 @@ def generate(pipe, folder, prompt, wanted, model="tiny"):
     return plan
 
 
-def test_generated_images_are_recorded_with_prompt_and_model_and_reused(pipe, tmp_path):
+def test_generated_images_are_recorded_with_prompt_and_model_and_reused(pipe, tmp_path, caplog):
     written = generate(pipe, tmp_path, ROBOT, 3).reused
     manifest = json.loads((tmp_path / MANIFEST).read_text())["images"]
     assert sorted(manifest) == sorted(p.name for p in written)
     assert {(e["prompt"], e["model"]) for e in manifest.values()} == {(ROBOT, "tiny")}
-    again = plan_class_images(tmp_path, ROBOT, "tiny", 3)
+    with caplog.at_level(logging.WARNING, logger="lora_db"):
+        again = plan_class_images(tmp_path, ROBOT, "tiny", 3)
     assert again.missing == 0 and sorted(again.paths()) == sorted(written)
+    assert "ignoring" not in caplog.text  # the manifest is lora-db's own, not a photo the user meant
 
 
 def test_another_prompt_or_model_gets_its_own_images_and_leaves_the_others(pipe, tmp_path):
