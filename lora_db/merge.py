@@ -134,21 +134,33 @@ def _trained_quantization(adapter: AdapterFile) -> str:
 
 
 def quantization_trained_on(adapters: Weighted) -> tuple[str, str]:
-    """The quantization (nf4, int8) and mixed precision every adapter was trained with, for --dequantized-base."""
+    """The quantization (nf4, int8) and mixed precision every adapter was trained with, for --dequantized-base;
+    checked, with bitsandbytes, before the base loads."""
+    from .quantize import QUANTIZATIONS, check_quantization
+
+    settings = set()
     for adapter, _ in adapters:
-        if _trained_quantization(adapter) == "none":
+        kind, precision = _trained_quantization(adapter), adapter.metadata.get("mixed_precision") or "no"
+        if kind == "none":
             raise LoraDBError(
                 f"--dequantized-base: {adapter.path} was trained on a full-precision base (no --quantize-base); "
                 "merge it without --dequantized-base"
             )
-    settings = {(_trained_quantization(a), a.metadata.get("mixed_precision") or "no") for a, _ in adapters}
+        if kind not in QUANTIZATIONS or precision not in ("no", "fp16", "bf16"):
+            raise LoraDBError(
+                f"--dequantized-base: {adapter.path} records a base quantized as {kind!r} under mixed precision "
+                f"{precision!r}, which lora-db does not know; merge it without --dequantized-base"
+            )
+        settings.add((kind, precision))
     if len(settings) > 1:
         described = ", ".join(sorted(f"{kind} under --mixed-precision {precision}" for kind, precision in settings))
         raise LoraDBError(
             f"--dequantized-base: the adapters were trained on differently quantized bases ({described}); "
             "merge each onto its own base, or all without --dequantized-base"
         )
-    return settings.pop()
+    kind, precision = settings.pop()
+    check_quantization(kind, torch.device("cpu"), torch.float32, option="--dequantized-base")  # no forward runs
+    return kind, precision
 
 
 def dequantize_base_as_trained(pipe, adapters: Weighted, kind: str, mixed_precision: str) -> None:
@@ -157,10 +169,9 @@ def dequantize_base_as_trained(pipe, adapters: Weighted, kind: str, mixed_precis
     rounds each layer's input to 8 bits, which no stored weight can reproduce; NF4 computes with its weights as
     they are stored here.)"""
     from .memory import weight_dtype
-    from .quantize import check_quantization, dequantize_model, quantize_model
+    from .quantize import dequantize_model, quantize_model
 
     dtype, device = weight_dtype(mixed_precision), torch.device("cpu")
-    check_quantization(kind, device, dtype)
     components = {component for adapter, _ in adapters for component in adapter.specs}
     for component in ("unet", "text_encoder"):
         if component in components:

@@ -59,22 +59,22 @@ def nf4_blocksize(in_features: int) -> int | None:
     return None
 
 
-def check_quantization(kind: str, device: torch.device, compute_dtype: torch.dtype, probe: bool = True) -> None:
+def check_quantization(
+    kind: str, device: torch.device, compute_dtype: torch.dtype, probe: bool = True, option: str = "--quantize-base"
+) -> None:
     """Refuse, before any model loads, a quantization the installed bitsandbytes cannot run on `device`.
 
     The probe quantizes one 96x96 Gaussian layer on the device (two NF4 blocks a row) and runs it forward and
     backward under the compute dtype, what training does, in milliseconds, and checks that its output is as
     close to the full-precision layer's as the format allows (a kernel can run and still compute wrongly).
-    `probe=False` checks the install only (for estimates of other devices).
+    `probe=False` checks the install only (for estimates of other devices). `option` is the flag the errors name.
     """
     if kind == "none":
         return
     if kind not in QUANTIZATIONS:
-        raise LoraDBError(f"--quantize-base {kind}: choose none, nf4 or int8")
+        raise LoraDBError(f"{option} {kind}: choose none, nf4 or int8")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise LoraDBError(
-            f"--quantize-base {kind} needs bitsandbytes: `pip install 'bitsandbytes>=0.50'`, or drop --quantize-base"
-        )
+        raise LoraDBError(f"{option} {kind} needs bitsandbytes: `pip install 'bitsandbytes>=0.50'`, or drop {option}")
     if not probe:
         return
     bnb = _bitsandbytes()
@@ -83,14 +83,14 @@ def check_quantization(kind: str, device: torch.device, compute_dtype: torch.dty
     except Exception as err:  # any failure of the library means the same to the user
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoraDBError(
-            f"--quantize-base {kind}: bitsandbytes {bnb.__version__} cannot run it on {device.type} ({reason}); "
-            "install a bitsandbytes build for this device, or drop --quantize-base"
+            f"{option} {kind}: bitsandbytes {bnb.__version__} cannot run it on {device.type} ({reason}); "
+            f"install a bitsandbytes build for this device, or drop {option}"
         ) from None
     if not error <= MAX_PROBE_ERROR[kind]:  # NaN fails too
         raise LoraDBError(
-            f"--quantize-base {kind}: bitsandbytes {bnb.__version__} computes it wrongly on {device.type} (a test "
+            f"{option} {kind}: bitsandbytes {bnb.__version__} computes it wrongly on {device.type} (a test "
             f"layer's output is off by {error:.0%}, the format allows {MAX_PROBE_ERROR[kind]:.0%}); install "
-            "another bitsandbytes version, or drop --quantize-base"
+            f"another bitsandbytes version, or drop {option}"
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +236,42 @@ def test_merged_onto_the_dequantized_base_computes_what_training_did(
     assert json.loads((out / "lora_db_merge.json").read_text())["dequantized_base"] == "nf4"
     stock = UniDiffuserPipeline.from_pretrained(out)
     np.testing.assert_allclose(uvit_output(stock.unet), trained, rtol=0, atol=MERGE_ATOL)
+
+
+def test_dequantized_base_refusals_come_before_the_base_loads(qlora_adapter, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import lora_db.models
+    from lora_db.adapters import save_adapter
+
+    adapter = read_adapter(qlora_adapter[0])
+
+    def variant(name: str, **metadata) -> Path:
+        metadata = {**adapter.metadata, **metadata}
+        return save_adapter(tmp_path / f"{name}.safetensors", adapter.tensors, adapter.specs, metadata)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base must not load")
+
+    monkeypatch.setattr(lora_db.models, "load_pipeline", no_loading)
+    int8 = variant("int8", quantize_base="int8")
+    odd = variant("odd", quantize_base="fp3")
+    fp5 = variant("fp5", mixed_precision="fp5")
+
+    def merge(*adapters):
+        args = [part for a in adapters for part in ("--adapter", a)]
+        return run_cli(monkeypatch, capsys, "merge", *args, "--dequantized-base", "--out", tmp_path / "m")
+
+    assert_one_line_error(merge(qlora_adapter[0], int8), "differently quantized bases", "int8", "nf4")
+    assert_one_line_error(merge(odd), "'fp3'", "without --dequantized-base")
+    assert_one_line_error(merge(fp5), "'fp5'", "without --dequantized-base")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
+    no_bitsandbytes = merge(qlora_adapter[0])
+    assert_one_line_error(no_bitsandbytes, "--dequantized-base nf4 needs bitsandbytes", "drop --dequantized-base")
+    assert not (tmp_path / "m").exists()
 
 
 def test_sampling_on_a_4bit_base_reproduces_the_trained_model(qlora_adapter, tmp_path, monkeypatch, capsys):
