@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from .config import Quantization
 from .eval_config import EvalConfig
 
 
@@ -42,6 +43,7 @@ def eval_command(
     clip_model: Annotated[str | None, _eval("clip_model")] = _DEFAULTS.clip_model,
     dino: Annotated[str | None, _eval("dino")] = _DEFAULTS.dino,
     identifier: Annotated[str | None, _eval("identifier")] = _DEFAULTS.identifier,
+    quantize_base: Annotated[Quantization, _eval("quantize_base")] = _DEFAULTS.quantize_base,
     overwrite: Annotated[bool, _eval("overwrite")] = _DEFAULTS.overwrite,
 ) -> None:
     """Score adapters (and the base) with DreamBooth's metrics: CLIP-I, DINO, CLIP-T, prior drift, diversity.
@@ -66,9 +68,12 @@ def eval_command(
         clip_model=clip_model,
         dino=dino,
         identifier=identifier,
+        quantize_base=quantize_base,
         overwrite=overwrite,
     )
     result = evaluate(config)
+    if config.quantize_base != "none":
+        typer.echo(f"every row sampled on the {config.quantize_base}-quantized base")
     for line in table_lines(result):
         typer.echo(line)
     typer.echo(f"results: {result.out / 'eval.json'}")

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Quantization
 from .errors import LoraDBError
 
 
@@ -38,6 +39,11 @@ class EvalConfig:
     )
     dino: str | None = _opt(None, "A transformers ViT for the DINO metric, e.g. facebook/dino-vits16.")
     identifier: str | None = _opt(None, 'The rare token of the prompts ("sks"), replaced by "a" for CLIP-T.')
+    quantize_base: Quantization = _opt(
+        "none",
+        "Evaluate on a 4-bit NF4 or 8-bit base (bitsandbytes), as `lora-db train --quantize-base` trains: every "
+        "row, the base's too.",
+    )
     overwrite: bool = _opt(False, "Replace --out if it holds an earlier `lora-db eval` output.")
 
     def __post_init__(self) -> None:

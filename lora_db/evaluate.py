@@ -290,7 +290,7 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int], None] | None = Non
     from tqdm.auto import tqdm
 
     from .data import find_images, load_image
-    from .inference import AdapterSet, check_output_folder, default_device, resolve_model
+    from .inference import AdapterSet, check_output_folder, default_device, quantize_for, resolve_model
     from .io import atomic_directory, atomic_write_json
     from .models import load_pipeline
 
@@ -302,6 +302,8 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int], None] | None = Non
     dino = DinoEmbedder(config.dino) if config.dino else None
 
     pipe = load_pipeline(model)
+    files = [c.adapter for c in candidates if c.adapter is not None]
+    quantize_for(pipe, files, config.quantize_base, torch.float32, default_device())  # before any adapter
     pipe.to(default_device())
     pipe.set_progress_bar_config(disable=True)
     adapters = AdapterSet(pipe)
@@ -354,6 +356,7 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int], None] | None = Non
                         "clip_model",
                         "dino",
                         "identifier",
+                        "quantize_base",
                     )
                 },
                 "instance_dir": str(config.instance_dir),

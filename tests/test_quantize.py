@@ -295,6 +295,33 @@ def test_sampling_on_a_4bit_base_reproduces_the_trained_model(qlora_adapter, tmp
     assert json.loads(printed)["quantize_base"] == "nf4"
 
 
+def test_eval_on_a_quantized_base_samples_as_sampling_on_it_does(qlora_adapter, instance_dir, tmp_path):
+    """`lora-db eval --quantize-base nf4` scores a QLoRA adapter on the base it was trained on: its samples are
+    those `lora-db sample --quantize-base nf4` makes, not those of the full-precision base."""
+    import lora_db
+    from lora_db.data import load_image
+    from lora_db.evaluate import EvalConfig, evaluate
+    from lora_db.sampling import generate_images
+
+    path = qlora_adapter[0]
+    prompt = "a photo of sks robot"
+    outputs = {}
+    for kind in ("nf4", "none"):
+        config = EvalConfig(
+            out=tmp_path / kind, instance_dir=instance_dir, model="tiny", adapters=[str(path)], prompts=[prompt],
+            num_images=2, num_inference_steps=2, quantize_base=kind,
+        )  # fmt: skip
+        evaluate(config)
+        (sample,) = [p for p in (tmp_path / kind / "samples").glob("*_p00_seed0.png") if not p.name.startswith("base")]
+        outputs[kind] = np.asarray(load_image(sample))
+        assert json.loads((tmp_path / kind / "eval.json").read_text())["settings"]["quantize_base"] == kind
+    pipe = lora_db.load_pipeline("tiny", [path], quantize_base="nf4")
+    pipe.set_progress_bar_config(disable=True)
+    expected = np.asarray(generate_images(pipe, prompt, 1, seed=0, num_inference_steps=2, guidance_scale=8.0)[0])
+    np.testing.assert_array_equal(outputs["nf4"], expected)
+    assert not np.array_equal(outputs["none"], expected)
+
+
 def test_estimate_counts_packed_weights_and_constants_as_training_holds_them(tiny_config):
     from lora_db.estimate import estimate_memory
 
