@@ -166,6 +166,16 @@ def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.
     """Quantize the base before any adapter is injected: the U-ViT, and the text encoder if an adapter trained it."""
     from .quantize import check_quantization, quantize_pipeline
 
+    adapters = list(adapters)
+    for adapter in adapters:
+        trained = adapter.metadata.get("quantize_base") or "none"
+        if trained != kind:
+            logger.info(
+                "%s was trained on %s base; --quantize-base %s samples it on the base it was trained on",
+                adapter.path,
+                f"an {trained}" if trained != "none" else "a full-precision",
+                trained,
+            )
     if kind == "none":
         return
     check_quantization(kind, device, dtype)

@@ -216,7 +216,7 @@ def _merge(
         for adapter, _ in adapters:
             if _trained_quantization(adapter) != "none":
                 logger.info(
-                    "%s was trained on a %s base: merging onto the full-precision base; --dequantized-base merges "
+                    "%s was trained on an %s base: merging onto the full-precision base; --dequantized-base merges "
                     "onto the base training saw",
                     adapter.path, _trained_quantization(adapter),
                 )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import statistics
 from pathlib import Path
 
@@ -295,7 +296,7 @@ def test_sampling_on_a_4bit_base_reproduces_the_trained_model(qlora_adapter, tmp
     assert json.loads(printed)["quantize_base"] == "nf4"
 
 
-def test_eval_on_a_quantized_base_samples_as_sampling_on_it_does(qlora_adapter, instance_dir, tmp_path):
+def test_eval_on_a_quantized_base_samples_as_sampling_on_it_does(qlora_adapter, instance_dir, tmp_path, caplog):
     """`lora-db eval --quantize-base nf4` scores a QLoRA adapter on the base it was trained on: its samples are
     those `lora-db sample --quantize-base nf4` makes, not those of the full-precision base."""
     import lora_db
@@ -311,7 +312,11 @@ def test_eval_on_a_quantized_base_samples_as_sampling_on_it_does(qlora_adapter, 
             out=tmp_path / kind, instance_dir=instance_dir, model="tiny", adapters=[str(path)], prompts=[prompt],
             num_images=2, num_inference_steps=2, quantize_base=kind,
         )  # fmt: skip
-        evaluate(config)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lora_db"):
+            evaluate(config)
+        hinted = "was trained on an nf4 base; --quantize-base nf4 samples it on the base it was trained on"
+        assert (hinted in caplog.text) == (kind == "none")
         (sample,) = [p for p in (tmp_path / kind / "samples").glob("*_p00_seed0.png") if not p.name.startswith("base")]
         outputs[kind] = np.asarray(load_image(sample))
         assert json.loads((tmp_path / kind / "eval.json").read_text())["settings"]["quantize_base"] == kind
