@@ -4,11 +4,14 @@
 (tensors in `optimizer.safetensors`, the rest in `state.json`), the learning-rate scheduler, each process's
 RNG states (`rng.safetensors`), fp16's loss-scaler state (in `state.json`) and the step. A folder is written
 under a temporary name and renamed when complete, so a crash mid-save leaves the previous checkpoints as they were.
+
+`rng_state`, `trainable_state` and `scaler_state` capture a run's state for one; `restore` puts it back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Mapping
@@ -20,6 +23,8 @@ import torch
 
 from .errors import LoraDBError
 from .io import atomic_directory
+
+logger = logging.getLogger("lora_db")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "state.json"
@@ -147,3 +152,87 @@ def load_checkpoint(path: Path) -> TrainingState:
         )
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise LoraDBError(f"checkpoint {path} is damaged ({err}); resume from an earlier checkpoint-N folder") from None
+
+
+# -- capturing and restoring a run's state ---------------------------------------------------------------------------
+
+
+def trainable_state(models) -> dict[str, torch.Tensor]:
+    """Every trained tensor of `models.trained` (component -> module), keyed component.parameter."""
+    return {f"{c}.{n}": p for c, m in models.trained.items() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def rng_state(generator: torch.Generator, accelerator) -> dict[str, torch.Tensor]:
+    """Every process's noise generator and torch RNG (for LoRA dropout), gathered onto the main process."""
+    local = {"noise": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        local["cuda"] = torch.cuda.get_rng_state()
+    return {name: accelerator.gather(state.to(accelerator.device)[None]).cpu() for name, state in local.items()}
+
+
+def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, rank: int, reseed: int = 0) -> None:
+    """This process's row of the gathered states. Each row is copied into a tensor of its own first: torch's
+    `set_state` reads a state from the start of its storage, so rank 1's row of the (processes, bytes) tensor, a
+    view at an offset, was refused as an invalid mt19937 state or crashed the process.
+
+    A process the checkpoint has no row for (resuming with more processes than wrote it) seeds its generators
+    from `reseed` and its rank instead.
+    """
+    if rank >= rng["noise"].shape[0]:
+        generator.manual_seed(reseed * 7919 + rank)
+        torch.manual_seed(reseed * 7919 + rank)
+        return
+
+    def own(name: str) -> torch.Tensor:
+        return rng[name][rank].to(torch.uint8).clone()
+
+    generator.set_state(own("noise"))
+    torch.set_rng_state(own("torch"))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(own("cuda"))
+
+
+def restore(path: Path, models, optimizer, scheduler, generator: torch.Generator, accelerator, seed: int = 0) -> int:
+    state = load_checkpoint(path)
+    params = trainable_state(models)
+    if set(state.trainable) != set(params):
+        raise LoraDBError(
+            f"checkpoint {path} was written by a different configuration (other trained weights); "
+            "resume with the options of that run"
+        )
+    with torch.no_grad():
+        for name, tensor in state.trainable.items():
+            if tensor.shape != params[name].shape:
+                raise LoraDBError(
+                    f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the run expects "
+                    f"{tuple(params[name].shape)}; resume with the options of that run"
+                )
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    written_by = state.rng["noise"].shape[0]
+    if written_by != accelerator.num_processes and accelerator.is_main_process:
+        logger.warning(
+            "%s was written by %d process(es), resumed by %d: weights, optimizer and schedule continue from step %d, "
+            "but the data order and random draws differ from a run that kept %d",
+            path, written_by, accelerator.num_processes, state.step, written_by,
+        )  # fmt: skip
+    restore_rng_state(state.rng, generator, accelerator.process_index, reseed=seed + state.step)
+    restore_scaler(state.scaler, accelerator, path)
+    return state.step
+
+
+def scaler_state(accelerator) -> dict | None:
+    """fp16's loss scale and growth tracker (accelerate keeps the GradScaler outside the optimizer state)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+
+
+def restore_scaler(state: dict | None, accelerator, path: Path) -> None:
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    if state is None:
+        logger.warning("checkpoint %s has no fp16 loss-scale state: the loss scale starts afresh", path)
+        return
+    scaler.load_state_dict(state)

@@ -200,7 +200,7 @@ def test_class_images_are_generated_once_and_reused(tiny_config, tmp_path):
 def test_every_process_restores_its_own_rng_row():
     """A checkpoint holds one row of RNG state per process; rank 1's row must restore rank 1's generators
     exactly (a view of that row was refused by torch, so no multi-process run could resume)."""
-    from lora_db.train import restore_rng_state
+    from lora_db.checkpoint import restore_rng_state
 
     states = []
     for seed in (1, 2):
@@ -251,7 +251,7 @@ def test_resuming_with_another_process_count_continues_and_says_what_differs(tin
 
     from safetensors.torch import load_file, save_file
 
-    from lora_db.train import restore_rng_state
+    from lora_db.checkpoint import restore_rng_state
 
     options = {"max_train_steps": 6, "checkpointing_steps": 3, "lora_dropout": 0.1}
     full = tmp_path / "full"
@@ -328,8 +328,7 @@ def test_batch_indices_cover_every_item_once_per_epoch_and_split_across_processe
 def test_fp16_loss_scale_and_growth_tracker_survive_a_checkpoint(tmp_path):
     from types import SimpleNamespace
 
-    from lora_db.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-    from lora_db.train import restore_scaler, scaler_state
+    from lora_db.checkpoint import TrainingState, load_checkpoint, restore_scaler, save_checkpoint, scaler_state
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
