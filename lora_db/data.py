@@ -498,30 +498,40 @@ def _draw_shadow(scene: Image.Image, centre_x: int, centre_y: int, toy_size: int
     scene.alpha_composite(shadow.filter(ImageFilter.GaussianBlur(max(1.0, toy_size / 40))))
 
 
-def _draw_toy(side: int) -> Image.Image:
-    """A teal-headed, red-bodied robot with a yellow star: distinctive enough to recognise across photos."""
-    toy = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(toy)
+ROBOT_OUTLINE = (40, 40, 50, 255)
+
+
+def draw_robot(side: int, *, head: tuple, body: tuple, antenna: tuple, star: tuple | None = None) -> Image.Image:
+    """The toy robot of the demo photos and of tiny-world's world, on a transparent square: antenna, arms (head
+    colour), legs, body, head, eyes, mouth, and a star on its body when `star` is a colour."""
+    robot = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(robot)
 
     def box(x0, y0, x1, y1):
         return (x0 * side, y0 * side, x1 * side, y1 * side)
 
-    outline, line = (40, 40, 50, 255), max(1, side // 90)
-    teal, red, yellow = (31, 163, 163, 255), (232, 67, 46, 255), (255, 212, 0, 255)
+    outline, line = ROBOT_OUTLINE, max(1, side // 90)
     draw.line(box(0.5, 0.13, 0.5, 0.24), fill=outline, width=line * 2)
-    draw.ellipse(box(0.455, 0.07, 0.545, 0.16), fill=yellow, outline=outline, width=line)
+    draw.ellipse(box(0.455, 0.07, 0.545, 0.16), fill=antenna, outline=outline, width=line)
     for x0 in (0.13, 0.77):
-        draw.rounded_rectangle(box(x0, 0.54, x0 + 0.1, 0.76), side * 0.04, teal, outline, line)
+        draw.rounded_rectangle(box(x0, 0.54, x0 + 0.1, 0.76), side * 0.04, head, outline, line)
     for x0 in (0.3, 0.55):
         draw.rectangle(box(x0, 0.84, x0 + 0.15, 0.92), fill=outline)
-    draw.rounded_rectangle(box(0.22, 0.5, 0.78, 0.87), side * 0.06, red, outline, line)
-    draw.rounded_rectangle(box(0.27, 0.22, 0.73, 0.5), side * 0.06, teal, outline, line)
+    draw.rounded_rectangle(box(0.22, 0.5, 0.78, 0.87), side * 0.06, body, outline, line)
+    draw.rounded_rectangle(box(0.27, 0.22, 0.73, 0.5), side * 0.06, head, outline, line)
     for cx in (0.4, 0.6):
         draw.ellipse(box(cx - 0.055, 0.3, cx + 0.055, 0.41), fill="white", outline=outline, width=line)
         draw.ellipse(box(cx - 0.022, 0.335, cx + 0.022, 0.38), fill=outline)
     draw.rounded_rectangle(box(0.42, 0.43, 0.58, 0.46), side * 0.01, outline)
-    draw.polygon(_star(0.5 * side, 0.685 * side, 0.11 * side), fill=yellow, outline=outline)
-    return toy
+    if star is not None:
+        draw.polygon(_star(0.5 * side, 0.685 * side, 0.11 * side), fill=star, outline=outline)
+    return robot
+
+
+def _draw_toy(side: int) -> Image.Image:
+    """A teal-headed, red-bodied robot with a yellow star: distinctive enough to recognise across photos."""
+    teal, red, yellow = (31, 163, 163, 255), (232, 67, 46, 255), (255, 212, 0, 255)
+    return draw_robot(side, head=teal, body=red, antenna=yellow, star=yellow)
 
 
 def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
+from .data import ROBOT_OUTLINE, draw_robot
 from .errors import LoraDBError
 
 logger = logging.getLogger("lora_db")
@@ -159,7 +160,7 @@ def _shadow(scene: Image.Image, centre_x: int, centre_y: int, side: int) -> None
     scene.alpha_composite(shadow.filter(ImageFilter.GaussianBlur(max(1.0, side / 40))))
 
 
-_OUTLINE = (40, 40, 50, 255)
+_OUTLINE = ROBOT_OUTLINE
 
 
 def _canvas(side: int):
@@ -172,22 +173,9 @@ def _canvas(side: int):
 
 
 def _draw_robot(side: int, colour: tuple) -> Image.Image:
-    """One colour all over, grey antenna, no star: the subject's two colours and star are never seen."""
-    image, draw, box, line = _canvas(side)
-    grey = (170, 170, 178, 255)
-    draw.line(box(0.5, 0.13, 0.5, 0.24), fill=_OUTLINE, width=line * 2)
-    draw.ellipse(box(0.455, 0.07, 0.545, 0.16), fill=grey, outline=_OUTLINE, width=line)
-    for x0 in (0.13, 0.77):
-        draw.rounded_rectangle(box(x0, 0.54, x0 + 0.1, 0.76), side * 0.04, colour, _OUTLINE, line)
-    for x0 in (0.3, 0.55):
-        draw.rectangle(box(x0, 0.84, x0 + 0.15, 0.92), fill=_OUTLINE)
-    draw.rounded_rectangle(box(0.22, 0.5, 0.78, 0.87), side * 0.06, colour, _OUTLINE, line)
-    draw.rounded_rectangle(box(0.27, 0.22, 0.73, 0.5), side * 0.06, colour, _OUTLINE, line)
-    for cx in (0.4, 0.6):
-        draw.ellipse(box(cx - 0.055, 0.3, cx + 0.055, 0.41), fill="white", outline=_OUTLINE, width=line)
-        draw.ellipse(box(cx - 0.022, 0.335, cx + 0.022, 0.38), fill=_OUTLINE)
-    draw.rounded_rectangle(box(0.42, 0.43, 0.58, 0.46), side * 0.01, _OUTLINE)
-    return image
+    """The demo photos' robot in one colour all over, grey antenna, no star: the subject's two colours and star
+    are never seen."""
+    return draw_robot(side, head=colour, body=colour, antenna=(170, 170, 178, 255))
 
 
 def _draw_car(side: int, colour: tuple) -> Image.Image:
