@@ -1,4 +1,4 @@
-"""Shared fixtures: demo photos made offline and a tiny-model training config factory."""
+"""Shared fixtures: demo photos made offline, a tiny-model training config factory, the tiny pipeline."""
 
 from __future__ import annotations
 
@@ -58,3 +58,13 @@ def tiny_config(instance_dir, tmp_path):
         return TrainConfig(**values)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def pristine():
+    """The tiny random pipeline, built once per module; tests that change it work on a deepcopy."""
+    from lora_db.models import quiet_library_logs
+    from lora_db.tiny import build_random_pipeline
+
+    quiet_library_logs()
+    return build_random_pipeline("tiny")

@@ -19,10 +19,9 @@ UNET_SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=UNET_ATTENTION_TARGETS)
 TEXT_SPEC = LoraSpec(rank=2, alpha=1.0, target_modules=TEXT_ENCODER_TARGETS)
 
 
-def make_adapter(pipe, path: Path, seed: int, *, text_encoder: bool = False, magnitude: float = 0.1) -> Path:
-    """An adapter file for `pipe` whose A and B are seeded randn x magnitude (peft would start B at zero)."""
+def _seeded_adapter(pipe, path: Path, specs: dict, seed: int, fill, metadata: dict) -> Path:
+    """An adapter file for `pipe` whose LoRA tensors are `fill(tensor, seeded randn)`, one draw per tensor in order."""
     generator = torch.Generator().manual_seed(seed)
-    specs = {"unet": UNET_SPEC} | ({"text_encoder": TEXT_SPEC} if text_encoder else {})
     tensors = {}
     for component, spec in specs.items():
         module = copy.deepcopy(getattr(pipe, component))
@@ -30,10 +29,16 @@ def make_adapter(pipe, path: Path, seed: int, *, text_encoder: bool = False, mag
         with torch.no_grad():
             for name, param in module.named_parameters():
                 if ".lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * magnitude)
+                    param.copy_(fill(param, torch.randn(param.shape, generator=generator)))
         tensors[component] = lora_state_dict(module)
-    metadata = {"base_model": "tiny", "instance_prompt": PROMPT, "steps": "0"}
     return save_adapter(path, tensors, specs, metadata)
+
+
+def make_adapter(pipe, path: Path, seed: int, *, text_encoder: bool = False, magnitude: float = 0.1) -> Path:
+    """An adapter file for `pipe` whose A and B are seeded randn x magnitude (peft would start B at zero)."""
+    specs = {"unet": UNET_SPEC} | ({"text_encoder": TEXT_SPEC} if text_encoder else {})
+    metadata = {"base_model": "tiny", "instance_prompt": PROMPT, "steps": "0"}
+    return _seeded_adapter(pipe, path, specs, seed, lambda param, noise: noise * magnitude, metadata)
 
 
 def initial_latents(pipe, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +65,12 @@ def t2i(pipe, seed: int = 0, steps: int = 2) -> np.ndarray:
     return out.images
 
 
+def train_command(instance_dir, output_dir, prompt: str = PROMPT, model: str = "tiny") -> list:
+    """`lora-db train`'s required arguments, for run_cli or a subprocess."""
+    return ["train", "--model", model, "--instance-dir", instance_dir, "--instance-prompt", prompt,
+            "--output-dir", output_dir]  # fmt: skip
+
+
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, list[str]]:
     """`lora-db ARGS` in this process through `main()`: exit code, stdout, non-empty stderr lines."""
     from lora_db.cli import main
@@ -83,21 +94,15 @@ def assert_one_line_error(result: tuple[int, str, list[str]], *fragments: str) -
 
 def make_variant_adapter(pipe, path: Path, seed: int, text_encoder: bool = True, **variant) -> Path:
     """Seeded non-zero A, B and (for DoRA) a magnitude that is not the base norm, so ignoring it would show."""
-    generator = torch.Generator().manual_seed(seed)
     specs = {"unet": LoraSpec(4, 8.0, UNET_ATTENTION_TARGETS, **variant)}
     if text_encoder:
         specs["text_encoder"] = LoraSpec(2, 3.0, TEXT_ENCODER_TARGETS, **variant)
-    tensors = {}
-    for component, spec in specs.items():
-        module = copy.deepcopy(getattr(pipe, component))
-        inject_lora(module, spec)
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                if ".lora_" in name:
-                    noise = torch.randn(param.shape, generator=generator)
-                    param.copy_(param * (1 + 0.2 * noise) if param.ndim == 1 else 0.2 * noise)
-        tensors[component] = lora_state_dict(module)
-    return save_adapter(path, tensors, specs, {"base_model": "tiny", "instance_prompt": "p", "steps": "0"})
+
+    def fill(param, noise):
+        return param * (1 + 0.2 * noise) if param.ndim == 1 else 0.2 * noise
+
+    metadata = {"base_model": "tiny", "instance_prompt": "p", "steps": "0"}
+    return _seeded_adapter(pipe, path, specs, seed, fill, metadata)
 
 
 def uvit_and_text_outputs(pipe) -> list[torch.Tensor]:

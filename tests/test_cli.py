@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from lora_helpers import train_command
 from processes import run, spawn
 
 CLI = [sys.executable, "-m", "lora_db.cli"]
@@ -25,20 +26,7 @@ def run_cli(*args, check=None, **kwargs):
 
 
 def train_args(instance_dir, output_dir, *extra):
-    return [
-        "train",
-        "--model",
-        "tiny",
-        "--instance-dir",
-        instance_dir,
-        "--instance-prompt",
-        "a photo of sks robot",
-        "--output-dir",
-        output_dir,
-        "--learning-rate",
-        "5e-3",
-        *extra,
-    ]
+    return [*train_command(instance_dir, output_dir), "--learning-rate", "5e-3", *extra]
 
 
 def error_line(result) -> str:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lora_helpers import assert_one_line_error, run_cli
+from lora_helpers import assert_one_line_error, run_cli, train_command
 from processes import run
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "PIL")
@@ -84,17 +84,7 @@ def test_a_diffusers_dreambooth_command_runs(instance_dir, tmp_path, monkeypatch
 def test_flags_lora_db_does_not_mean_are_refused_with_what_to_use(
     args, fragments, instance_dir, tmp_path, monkeypatch, capsys
 ):
-    base = [
-        "train",
-        "--model",
-        "tiny",
-        "--instance-dir",
-        instance_dir,
-        "--instance-prompt",
-        "p",
-        "--output-dir",
-        tmp_path / "o",
-    ]
+    base = train_command(instance_dir, tmp_path / "o", prompt="p")
     assert_one_line_error(run_cli(monkeypatch, capsys, *base, *args), *fragments)
     assert not (tmp_path / "o").exists()
 

@@ -21,19 +21,11 @@ from lora_db.adapters import AdapterFile, lora_delta, lora_pairs, lora_scale, re
 from lora_db.errors import LoraDBError
 from lora_db.inference import AdapterSet
 from lora_db.merge import combine_adapters, fold_adapters, untie_caption_decoder
-from lora_db.models import quiet_library_logs
-from lora_db.tiny import build_random_pipeline
 
 MERGE_ATOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pristine():
-    quiet_library_logs()
-    return build_random_pipeline("tiny")
 
 
 @pytest.fixture(scope="module")

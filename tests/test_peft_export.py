@@ -11,17 +11,9 @@ from safetensors.torch import load_file
 from lora_db.adapters import read_adapter
 from lora_db.errors import LoraDBError
 from lora_db.inference import AdapterSet
-from lora_db.models import quiet_library_logs
 from lora_db.peft_export import export_peft
-from lora_db.tiny import build_random_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pristine():
-    quiet_library_logs()
-    return build_random_pipeline("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lora_helpers import assert_one_line_error, run_cli, t2i
+from lora_helpers import assert_one_line_error, run_cli, t2i, train_command
 from torch import nn
 
 from lora_db.adapters import linear_layers, read_adapter
@@ -27,9 +27,7 @@ from lora_db.config import TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.inference import AdapterSet, quantize_for
 from lora_db.merge import fold_adapters
-from lora_db.models import quiet_library_logs
 from lora_db.quantize import quantization_tensors, quantized_bytes, quantized_layers, storage_bytes
-from lora_db.tiny import build_random_pipeline
 from lora_db.train import (
     check_before_loading,
     optimizer_step,
@@ -52,12 +50,6 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def pristine():
-    quiet_library_logs()
-    return build_random_pipeline("tiny")
 
 
 def setup(config: TrainConfig):
@@ -376,17 +368,7 @@ def test_impossible_quantizations_fail_before_loading(tiny_config, monkeypatch, 
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
     )
-    args = [
-        "train",
-        "--model",
-        "tiny",
-        "--instance-dir",
-        instance_dir,
-        "--instance-prompt",
-        "sks",
-        "--output-dir",
-        tmp_path / "o",
-    ]
+    args = train_command(instance_dir, tmp_path / "o", prompt="sks")
     assert_one_line_error(run_cli(monkeypatch, capsys, *args, "--quantize-base", "nf4"), "needs bitsandbytes")
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     assert_one_line_error(

@@ -15,7 +15,6 @@ from lora_db.adapters import lora_scale, lora_state_dict, read_adapter, save_ada
 from lora_db.errors import LoraDBError
 from lora_db.inference import AdapterSet, lora_layers
 from lora_db.merge import combine_adapters, fold_adapters
-from lora_db.models import quiet_library_logs
 from lora_db.objective import dreambooth_loss, min_snr_weights
 from lora_db.tiny import build_random_pipeline
 
@@ -27,12 +26,6 @@ VARIANTS = {
     "dora": {"use_dora": True},
     "dora+rslora": {"use_dora": True, "use_rslora": True},
 }
-
-
-@pytest.fixture(scope="module")
-def pristine():
-    quiet_library_logs()
-    return build_random_pipeline("tiny")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
