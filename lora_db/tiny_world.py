@@ -411,6 +411,17 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _optimizer_step(optimizer, loss: torch.Tensor, losses: list[float], bar, clip=None) -> None:
+    """Backward, optional gradient clipping to norm 1, step; the running loss on the progress bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+
+
 def train_vae(vae, pixels: torch.Tensor, config: BuildConfig) -> list[float]:
     """Reconstruction (L1 + MSE) plus a small KL term, as SD's VAE (without its adversarial and LPIPS terms)."""
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -426,11 +437,7 @@ def train_vae(vae, pixels: torch.Tensor, config: BuildConfig) -> list[float]:
         recon = vae.decode(latents).sample
         kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
         loss = (recon - batch).abs().mean() + (recon - batch).pow(2).mean() + config.vae_kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+        _optimizer_step(optimizer, loss, losses, bar)
     vae.eval()
     return losses
 
@@ -463,11 +470,7 @@ def train_clip(clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: 
         same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+        _optimizer_step(optimizer, loss, losses, bar)
     clip.eval()
     return losses
 
@@ -524,12 +527,7 @@ def train_uvit(parts, latents, clip_embeds, hidden, prompt_index, config: BuildC
         loss = dreambooth_loss(
             unet, batch_latents, clip_embeds[index], prompt_embeds, noise_scheduler, generator, config.uncond_prob
         ).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+        _optimizer_step(optimizer, loss, losses, bar, clip=trained)
     unet.eval()
     return losses
 
