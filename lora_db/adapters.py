@@ -77,6 +77,11 @@ class AdapterFile:
     def num_parameters(self) -> int:
         return sum(t.numel() for part in self.tensors.values() for t in part.values())
 
+    @property
+    def trained_quantization(self) -> str:
+        """How the frozen base was stored in training (`lora-db train --quantize-base`): none, nf4 or int8."""
+        return self.metadata.get("quantize_base") or "none"
+
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The model's Linear layers by name; a layer that already holds LoRA counts under its own name, once."""

@@ -168,7 +168,7 @@ def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.
 
     adapters = list(adapters)
     for adapter in adapters:
-        trained = adapter.metadata.get("quantize_base") or "none"
+        trained = adapter.trained_quantization
         if trained != kind:
             logger.info(
                 "%s was trained on %s base; --quantize-base %s samples it on the base it was trained on",

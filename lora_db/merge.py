@@ -129,24 +129,23 @@ class MergeResult:
 # -- the base as a QLoRA adapter was trained on ---------------------------------------------------------------------
 
 
-def _trained_quantization(adapter: AdapterFile) -> str:
-    return adapter.metadata.get("quantize_base") or "none"
-
-
 def quantization_trained_on(adapters: Weighted) -> tuple[str, str]:
     """The quantization (nf4, int8) and mixed precision every adapter was trained with, for --dequantized-base;
     checked, with bitsandbytes, before the base loads."""
+    from typing import get_args
+
+    from .config import MixedPrecision
     from .quantize import QUANTIZATIONS, check_quantization
 
     settings = set()
     for adapter, _ in adapters:
-        kind, precision = _trained_quantization(adapter), adapter.metadata.get("mixed_precision") or "no"
+        kind, precision = adapter.trained_quantization, adapter.metadata.get("mixed_precision") or "no"
         if kind == "none":
             raise LoraDBError(
                 f"--dequantized-base: {adapter.path} was trained on a full-precision base (no --quantize-base); "
                 "merge it without --dequantized-base"
             )
-        if kind not in QUANTIZATIONS or precision not in ("no", "fp16", "bf16"):
+        if kind not in QUANTIZATIONS or precision not in get_args(MixedPrecision):
             raise LoraDBError(
                 f"--dequantized-base: {adapter.path} records a base quantized as {kind!r} under mixed precision "
                 f"{precision!r}, which lora-db does not know; merge it without --dequantized-base"
@@ -214,11 +213,11 @@ def _merge(
         dequantize_base_as_trained(pipe, adapters, dequantized, mixed_precision)
     else:
         for adapter, _ in adapters:
-            if _trained_quantization(adapter) != "none":
+            if adapter.trained_quantization != "none":
                 logger.info(
                     "%s was trained on an %s base: merging onto the full-precision base; --dequantized-base merges "
                     "onto the base training saw",
-                    adapter.path, _trained_quantization(adapter),
+                    adapter.path, adapter.trained_quantization,
                 )  # fmt: skip
     layers = fold_adapters(pipe, adapters)
     dtype = SAVE_DTYPES[config.save_dtype]
