@@ -26,18 +26,16 @@ KINDS = ("bf16", "nf4", "int8")
 
 
 def fidelity(adapter: Path, quantize_base: str, photos: Path, num_images: int, steps: int) -> float:
+    """CLIP-I of the subject prompt's samples against the photos, as `lora-db train --eval-steps` scores it."""
     from lora_db.data import find_images, load_image
-    from lora_db.evaluate import ImageEmbedder, mean_cross_similarity
+    from lora_db.evaluate import TrainingEval
     from lora_db.inference import load_pipeline
-    from lora_db.sampling import generate_images
 
     pipe = load_pipeline("tiny-world", [adapter], quantize_base=quantize_base)
     pipe.set_progress_bar_config(disable=True)
-    embed = ImageEmbedder(pipe)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    real = embed([load_image(p).resize((size, size)) for p in find_images(photos)])
-    samples = generate_images(pipe, SUBJECT, num_images, seed=0, num_inference_steps=steps)
-    return mean_cross_similarity(embed(samples), real)
+    real = [load_image(p) for p in find_images(photos)]
+    score = TrainingEval(pipe, real, [SUBJECT], None, num_images=num_images, seed=0, num_inference_steps=steps)
+    return score(0)["eval/clip_i"]
 
 
 def run(kind: str, seed: int, photos: Path, work: Path, args) -> dict:

@@ -235,17 +235,14 @@ def qlora_runs(tmp_path_factory, one_thread):
 def _subject_fidelity(work, adapter, quantize_base: str) -> float:
     """CLIP-I of four samples of the subject prompt, from the adapter on the base it was trained on."""
     from lora_db.data import find_images, load_image
-    from lora_db.evaluate import ImageEmbedder, mean_cross_similarity
+    from lora_db.evaluate import TrainingEval
     from lora_db.inference import load_pipeline
-    from lora_db.sampling import generate_images
 
     pipe = load_pipeline("tiny-world", [adapter] if adapter else [], quantize_base=quantize_base)
     pipe.set_progress_bar_config(disable=True)
-    embed = ImageEmbedder(pipe)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    photos = embed([load_image(p).resize((size, size)) for p in find_images(work / "photos")])
-    samples = generate_images(pipe, SUBJECT_PROMPT, 4, seed=0, num_inference_steps=15)
-    return mean_cross_similarity(embed(samples), photos)
+    photos = [load_image(p) for p in find_images(work / "photos")]
+    score = TrainingEval(pipe, photos, [SUBJECT_PROMPT], None, num_images=4, seed=0, num_inference_steps=15)
+    return score(0)["eval/clip_i"]
 
 
 @pytest.mark.slow
