@@ -4,10 +4,10 @@
     python benchmarks/memory.py                                    # tiny and random:small (rows of others kept)
     python benchmarks/memory.py --models tiny --configs full-fp32-adamw,lora-bf16-ckpt-8bit-cached --out /tmp/b
 
-Each configuration trains in a process of its own, through `lora_db.train.train` (the real code path), for a
+Each configuration trains in a process of its own, through `lora_db.train` (the real code path), for a
 few steps on demo photos; the class folder of prior preservation is filled beforehand, so no generation is
 timed. Per row: peak memory, the median step time after warm-up, trainable parameters, adapter size, and
-`lora_db.estimate`'s prediction for the same configuration with its error. On CUDA the peak is the allocator's
+`lora_db.estimate_memory`'s prediction for the same configuration with its error. On CUDA the peak is the allocator's
 max allocated (and reserved) since the loop began. On a CPU it is the peak resident set during the loop minus
 a baseline: the same process after training the tiny model with the same options (libraries, lazily imported
 code, thread pools loaded, like a CUDA context); children run with a fixed glibc mmap threshold so the resident
@@ -114,10 +114,11 @@ def run_child(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     import torch
 
-    from lora_db.config import TrainConfig
-    from lora_db.memory import current_memory_bytes
-    from lora_db.models import quiet_library_logs
-    from lora_db.train import METRICS_FILE, train
+    from lora_db.config.train import TrainConfig
+    from lora_db.layout import METRICS_FILE
+    from lora_db.logs import quiet_library_logs
+    from lora_db.models.memory import current_memory_bytes
+    from lora_db.training.loop import train
 
     quiet_library_logs()
     result: dict = {}
@@ -210,7 +211,7 @@ def steps(model: str) -> tuple[int, int]:
 
 
 def train_config(model: str, conf: Configuration, data: dict[str, Path], output_dir: Path):
-    from lora_db.config import TrainConfig
+    from lora_db.config.train import TrainConfig
 
     warmup, timed = steps(model)
     options = {
@@ -273,7 +274,7 @@ def measure(model: str, conf: Configuration, config, work: Path, limit: int, env
 
 
 def estimate(config, device: str) -> dict:
-    from lora_db.estimate import estimate_memory
+    from lora_db.training.estimate import estimate_memory
 
     started = time.perf_counter()
     result = estimate_memory(config, device=device).to_dict()
@@ -368,7 +369,7 @@ def summary_line(row: dict) -> str:
 
 
 def prepare_data(work: Path, images: int) -> dict:
-    from lora_db.data import make_demo_images
+    from lora_db.synthetic.demo import make_demo_images
 
     # 512 px covers the largest model; smaller models resize, as they would any photo.
     make_demo_images(work / "instance", count=images, size=512, seed=0)
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child is not None:
         run_child(args.child)
         return
-    from lora_db.models import quiet_library_logs
+    from lora_db.logs import quiet_library_logs
 
     quiet_library_logs()
     models = [m for m in args.models.split(",") if m]

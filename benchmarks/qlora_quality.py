@@ -27,9 +27,9 @@ KINDS = ("bf16", "nf4", "int8")
 
 def fidelity(adapter: Path, quantize_base: str, photos: Path, num_images: int, steps: int) -> float:
     """CLIP-I of the subject prompt's samples against the photos, as `lora-db train --eval-steps` scores it."""
-    from lora_db.data import find_images, load_image
-    from lora_db.evaluate import TrainingEval
-    from lora_db.inference import load_pipeline
+    from lora_db.adapters.hotswap import load_pipeline
+    from lora_db.evaluation.metrics import TrainingEval
+    from lora_db.images import find_images, load_image
 
     pipe = load_pipeline("tiny-world", [adapter], quantize_base=quantize_base)
     pipe.set_progress_bar_config(disable=True)
@@ -39,8 +39,8 @@ def fidelity(adapter: Path, quantize_base: str, photos: Path, num_images: int, s
 
 
 def run(kind: str, seed: int, photos: Path, work: Path, args) -> dict:
-    from lora_db.config import TrainConfig
-    from lora_db.train import train
+    from lora_db.config.train import TrainConfig
+    from lora_db.training.loop import train
 
     quantize_base = "none" if kind == "bf16" else kind
     started = time.perf_counter()
@@ -99,8 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from lora_db.data import make_demo_images
     from lora_db.io import atomic_write_json, atomic_write_text
+    from lora_db.synthetic.demo import make_demo_images
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -4,7 +4,7 @@
     python benchmarks/quality.py --configs lora-r4,lora-r4-prior --steps 100 --num-images 4 --out /tmp/q
 
 The quality side of benchmarks/memory.py. Each configuration trains on the subject tiny-world never saw (the toy
-robot of `lora-db demo-images`) through `lora_db.train.train`, then `lora_db.evaluate.evaluate` (the code of
+robot of `lora-db demo-images`) through `lora_db.train`, then `lora_db.evaluate` (the code of
 `lora-db eval`) scores every run and the base model at the same seeds: CLIP-I on the subject prompt and on a
 recontextualisation ("... on the beach"), CLIP-T with tiny-world's own CLIP, CLIP-I of an unrelated prompt (should
 stay low), prior similarity of class-prompt samples to the base model's (what prior preservation protects) and
@@ -39,8 +39,8 @@ CONFIGS = {
 
 
 def train_run(name: str, options: dict, photos: Path, class_dir: Path, work: Path, args) -> dict:
-    from lora_db.config import TrainConfig
-    from lora_db.train import train
+    from lora_db.config.train import TrainConfig
+    from lora_db.training.loop import train
 
     options = dict(options)
     prior = options.pop("prior", False)
@@ -71,7 +71,7 @@ def train_run(name: str, options: dict, photos: Path, class_dir: Path, work: Pat
 
 def full_model_folder(unet_dir: Path, work: Path) -> Path:
     """tiny-world with its U-ViT replaced by a fully fine-tuned one: a complete diffusers folder."""
-    from lora_db.tiny_world import asset_dir
+    from lora_db.models.loading import tiny_world_dir as asset_dir
 
     folder = work / "full-model"
     shutil.rmtree(folder, ignore_errors=True)
@@ -82,7 +82,7 @@ def full_model_folder(unet_dir: Path, work: Path) -> Path:
 
 
 def eval_config(out: Path, photos: Path, args, model: str, adapters: list[str]):
-    from lora_db.evaluate import EvalConfig
+    from lora_db.config.evaluate import EvalConfig
 
     return EvalConfig(
         out=out,
@@ -104,8 +104,8 @@ def class_similarity(base_eval: Path, other_eval: Path, num_images: int, seed: i
     """Prior similarity of a separately evaluated model: its class samples against the base's, same seeds."""
     from PIL import Image
 
-    from lora_db.evaluate import ImageEmbedder, paired_similarity
-    from lora_db.models import load_pipeline
+    from lora_db.evaluation.metrics import ImageEmbedder, paired_similarity
+    from lora_db.models.loading import load_pipeline
 
     embed = ImageEmbedder(load_pipeline("tiny-world"))
     index = len(PROMPTS)  # the class prompt comes after the --prompt values
@@ -201,9 +201,9 @@ def main() -> None:
 
     import torch
 
-    from lora_db.data import make_demo_images
-    from lora_db.evaluate import evaluate
-    from lora_db.models import quiet_library_logs
+    from lora_db.evaluation.evaluate import evaluate
+    from lora_db.logs import quiet_library_logs
+    from lora_db.synthetic.demo import make_demo_images
 
     torch.set_num_threads(args.threads)
     quiet_library_logs()

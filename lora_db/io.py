@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import LoraDBError
+from lora_db.errors import LoraDBError
 
 
 def fsync_dir(path: Path) -> None:
@@ -178,3 +178,18 @@ def _name_in(path: Path, tmp: Path, err: BaseException) -> Path:
     if filename and str(filename).startswith(str(tmp)):
         return path / Path(filename).relative_to(tmp)
     return path
+
+
+def check_output_folder(out: Path, overwrite: bool, marker: str) -> None:
+    """Refuse an existing --out unless --overwrite, and never replace a folder lora-db did not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LoraDBError(f"--out {out} is a file; choose a folder")
+    if not overwrite:
+        raise LoraDBError(f"--out {out} already exists; choose another folder, or pass --overwrite to replace it")
+    if any(out.iterdir()) and not (out / marker).is_file():
+        raise LoraDBError(
+            f"--out {out} holds files lora-db did not write (no {marker}); it will not be replaced: "
+            "choose another folder"
+        )

@@ -20,7 +20,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import LoraDBError
+from lora_db.errors import LoraDBError
+from lora_db.io import explain_os_error
 
 logger = logging.getLogger("lora_db")
 
@@ -87,8 +88,6 @@ def output_lock(output: str | os.PathLike, option: str, *, inside: bool = True, 
     try:
         fd = _open_locked(path, option, output, wait)
     except OSError as err:
-        from .io import explain_os_error
-
         raise explain_os_error(err, path) from err
     try:
         os.ftruncate(fd, 0)

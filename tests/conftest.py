@@ -33,7 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def instance_dir(tmp_path_factory):
-    from lora_db.data import make_demo_images
+    from lora_db.synthetic.demo import make_demo_images
 
     folder = tmp_path_factory.mktemp("photos")
     make_demo_images(folder, count=4, size=96)
@@ -43,7 +43,7 @@ def instance_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(instance_dir, tmp_path):
     """TrainConfig for the tiny model; keyword arguments override the test defaults."""
-    from lora_db.config import TrainConfig
+    from lora_db.config.train import TrainConfig
 
     def make(**overrides):
         values = {
@@ -63,8 +63,8 @@ def tiny_config(instance_dir, tmp_path):
 @pytest.fixture(scope="module")
 def pristine():
     """The tiny random pipeline, built once per module; tests that change it work on a deepcopy."""
-    from lora_db.models import quiet_library_logs
-    from lora_db.tiny import build_random_pipeline
+    from lora_db.logs import quiet_library_logs
+    from lora_db.models.random import build_random_pipeline
 
     quiet_library_logs()
     return build_random_pipeline("tiny")

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lora_db.adapters import LoraSpec, inject_lora, lora_state_dict, save_adapter
-from lora_db.config import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
+from lora_db.adapters.format import save_adapter
+from lora_db.adapters.layers import inject_lora, lora_state_dict
+from lora_db.adapters.spec import LoraSpec
+from lora_db.config.train import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 
 PROMPT = "a photo of sks robot"
 # alpha != rank, so a merge or a hot-swap that ignored the scale would not match.
@@ -73,7 +75,7 @@ def train_command(instance_dir, output_dir, prompt: str = PROMPT, model: str = "
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, list[str]]:
     """`lora-db ARGS` in this process through `main()`: exit code, stdout, non-empty stderr lines."""
-    from lora_db.cli import main
+    from lora_db.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["lora-db", *map(str, args)])
     monkeypatch.delenv("LORA_DB_DEBUG", raising=False)

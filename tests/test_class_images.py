@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_db.class_images import MANIFEST, generate_class_images, plan_class_images
 from lora_db.errors import LoraDBError
-from lora_db.tiny import build_random_pipeline
-from lora_db.train import train
+from lora_db.models.random import build_random_pipeline
+from lora_db.training.class_images import MANIFEST, generate_class_images, plan_class_images
+from lora_db.training.loop import train
 
 ROBOT, DOG = "a photo of a robot", "a photo of a dog"
 

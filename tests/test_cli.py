@@ -87,7 +87,7 @@ def test_config_file_and_command_line(instance_dir, tmp_path):
 def test_bad_input_gets_one_clear_line_and_exit_code_1(
     instance_dir, tmp_path, make_input, extra, fragment, monkeypatch, capsys
 ):
-    from lora_db.cli import main
+    from lora_db.cli.app import main
 
     folder = make_input(tmp_path) or instance_dir
     args = train_args(folder, tmp_path / "out", "--max-train-steps", "1", *extra)
@@ -135,7 +135,7 @@ def test_a_cached_hub_model_trains_and_estimates_when_the_hub_is_out_of_reach(in
     cache, with one warning, when the hub does not answer."""
     import shutil
 
-    from lora_db.tiny_world import asset_dir
+    from lora_db.models.loading import tiny_world_dir as asset_dir
 
     revision = "0" * 40
     repo = tmp_path / "hf-home" / "hub" / "models--acme--tiny-world"
@@ -257,7 +257,7 @@ def test_sigterm_to_torchrun_checkpoints_once_and_resume_matches_an_uninterrupte
 def test_train_help_shows_every_default():
     import dataclasses
 
-    from lora_db.config import TrainConfig
+    from lora_db.config.train import TrainConfig
 
     result = run([*CLI, "train", "--help"], env={**os.environ, "COLUMNS": "400"}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_db.config import TrainConfig, load_toml
+from lora_db.config.train import TrainConfig, load_toml
 from lora_db.errors import LoraDBError
 
 

@@ -9,18 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_db.data import (
-    DreamBoothDataset,
-    ImageRecord,
-    collate,
-    find_images,
-    load_image,
-    make_demo_images,
-    prepare_image,
-    scan_images,
-    to_tensor,
-)
 from lora_db.errors import LoraDBError
+from lora_db.images import find_images, load_image, prepare_image, to_tensor
+from lora_db.synthetic.demo import make_demo_images
+from lora_db.training.data import DreamBoothDataset, ImageRecord, collate, scan_images
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

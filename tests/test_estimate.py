@@ -9,9 +9,9 @@ import pytest
 import torch
 from processes import run
 
-from lora_db.config import TrainConfig
-from lora_db.estimate import GiB, estimate_memory, parse_memory
-from lora_db.memory import weight_dtype
+from lora_db.config.train import TrainConfig
+from lora_db.models.memory import weight_dtype
+from lora_db.training.estimate import GiB, estimate_memory, parse_memory
 
 COMPONENTS = ("unet", "text_encoder", "text_decoder", "vae", "image_encoder")
 
@@ -24,8 +24,8 @@ def tensor_bytes(module) -> int:
 
 def trained_pipeline(config: TrainConfig):
     """The tiny pipeline as training holds it in the loop (set up, idle modules released), with real tensors."""
-    from lora_db.models import load_pipeline
-    from lora_db.train import release_idle_modules, setup_models
+    from lora_db.models.loading import load_pipeline
+    from lora_db.training.setup import release_idle_modules, setup_models
 
     torch.manual_seed(config.seed)
     pipe = load_pipeline("tiny", torch_dtype=weight_dtype(config.mixed_precision))
@@ -94,13 +94,13 @@ def test_full_fine_tuning_pays_for_every_unet_weight(lora):
 
 def test_the_shipped_tiny_world_is_estimated_from_its_folder(monkeypatch):
     """`--model tiny-world` names the folder in the package, for the estimate as for training: no hub lookup."""
-    import lora_db.models
-    from lora_db.tiny_world import asset_dir
+    import lora_db.models.loading
+    from lora_db.models.loading import tiny_world_dir as asset_dir
 
     def no_hub(model):
         raise AssertionError(f"{model} looked up on the hub")
 
-    monkeypatch.setattr(lora_db.models, "hub_load_options", no_hub)
+    monkeypatch.setattr(lora_db.models.loading, "hub_load_options", no_hub)
     named = estimate_memory(TrainConfig(model="tiny-world", cache_latents=True), device="cpu")
     folder = estimate_memory(TrainConfig(model=str(asset_dir()), cache_latents=True), device="cpu")
     assert named.peak_bytes == folder.peak_bytes > 0 and named.components == folder.components
@@ -127,7 +127,7 @@ def test_bf16_halves_frozen_weights_and_keeps_lora_in_fp32(lora):
 
 
 def test_prior_preservation_doubles_the_batch(lora, tmp_path):
-    from lora_db.data import make_demo_images
+    from lora_db.synthetic.demo import make_demo_images
 
     _, alone = lora
     make_demo_images(tmp_path / "class", count=2, size=64)
@@ -147,8 +147,8 @@ def test_cuda_estimate_adds_the_context_and_foreach_adam():
 
 
 def test_training_still_runs_after_an_estimate(lora, tiny_config):
-    from lora_db.data import batch_indices
-    from lora_db.train import train
+    from lora_db.training.data import batch_indices
+    from lora_db.training.loop import train
 
     assert all(isinstance(i, int) for pair in batch_indices(1, 1, 0, 0) for i in pair)
     result = train(tiny_config(max_train_steps=2))

@@ -12,12 +12,7 @@ import torch
 import torch.nn.functional as F
 from lora_helpers import assert_one_line_error, run_cli
 
-from lora_db.evaluate import (
-    clip_t_text,
-    mean_cross_similarity,
-    mean_pairwise_distance,
-    paired_similarity,
-)
+from lora_db.evaluation.metrics import clip_t_text, mean_cross_similarity, mean_pairwise_distance, paired_similarity
 
 
 def test_metric_definitions_on_known_vectors():
@@ -34,8 +29,8 @@ def test_metric_definitions_on_known_vectors():
 
 @pytest.fixture(scope="module")
 def tiny_run(instance_dir, tmp_path_factory, one_thread):
-    from lora_db.config import TrainConfig
-    from lora_db.train import train
+    from lora_db.config.train import TrainConfig
+    from lora_db.training.loop import train
 
     out = tmp_path_factory.mktemp("run") / "robot"
     config = TrainConfig(
@@ -98,7 +93,8 @@ def test_eval_of_a_run_folder_scores_every_checkpoint(tiny_run, instance_dir, tm
 
 
 def test_same_seed_same_numbers(tiny_run, instance_dir, tmp_path, monkeypatch, capsys):
-    from lora_db.evaluate import EvalConfig, evaluate
+    from lora_db.config.evaluate import EvalConfig
+    from lora_db.evaluation.evaluate import evaluate
 
     def rows(out):
         config = EvalConfig(
@@ -149,7 +145,7 @@ def test_eval_refuses_a_folder_that_is_not_a_run(instance_dir, tmp_path, monkeyp
 
 
 def test_train_eval_steps_logs_the_metrics(tiny_config, one_thread):
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     config = tiny_config(
         max_train_steps=3,

@@ -100,8 +100,8 @@ def test_aliases_stay_out_of_help_and_wrong_values_are_usage_errors(monkeypatch,
 def test_every_alias_is_documented():
     import dataclasses
 
-    from lora_db.aliases import REFUSED, RENAMED, REQUIRES
-    from lora_db.config import TrainConfig
+    from lora_db.cli.aliases import REFUSED, RENAMED, REQUIRES
+    from lora_db.config.train import TrainConfig
 
     doc = (Path(__file__).parents[1] / "docs" / "diffusers-flags.md").read_text()
     rows = {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `--")}

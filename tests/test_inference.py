@@ -14,11 +14,13 @@ from processes import run
 from safetensors.torch import save_file
 
 import lora_db
-from lora_db.adapters import WeightedAdapter, read_adapter
+from lora_db.adapters.format import read_adapter
+from lora_db.adapters.hotswap import AdapterSet
+from lora_db.adapters.sample import Row, plan_rows
+from lora_db.config.commands import WeightedAdapter
 from lora_db.errors import LoraDBError
-from lora_db.inference import AdapterSet, Row, plan_rows
-from lora_db.models import quiet_library_logs
-from lora_db.tiny import build_random_pipeline
+from lora_db.logs import quiet_library_logs
+from lora_db.models.random import build_random_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +122,7 @@ def test_combine_plans_one_row_plus_the_base():
 
 
 def test_grid_enlarges_small_cells_and_wraps_labels():
-    from lora_db.sampling import LABEL_MAX_LINES, _wrap, image_grid
+    from lora_db.images import LABEL_MAX_LINES, _wrap, image_grid
 
     cell = Image.new("RGB", (64, 64), "red")
     assert image_grid([[cell, cell]]).size == (128, 64)  # unlabelled, as validation during training uses it
@@ -166,7 +168,7 @@ def test_sample_writes_a_labelled_grid_and_tagged_pngs(files, tmp_path, monkeypa
 
 
 def test_sample_combine_is_the_weighted_sum(files, swap, tmp_path, monkeypatch, capsys):
-    from lora_db.sampling import generate_images
+    from lora_db.models.sampling import generate_images
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n\na photo of a dog\n")
@@ -200,13 +202,14 @@ def test_sample_i2t_writes_captions(files, tmp_path, monkeypatch, capsys):
 
 
 def test_sample_failure_leaves_nothing(files, tmp_path, monkeypatch):
-    import lora_db.sampling
-    from lora_db.inference import SampleConfig, sample
+    import lora_db.adapters.sample
+    from lora_db.adapters.sample import sample
+    from lora_db.config.commands import SampleConfig
 
     def fail(*args, **kwargs):
         raise LoraDBError("simulated failure while sampling")
 
-    monkeypatch.setattr(lora_db.sampling, "generate_images", fail)
+    monkeypatch.setattr(lora_db.adapters.sample, "generate_images", fail)
     with pytest.raises(LoraDBError, match="simulated"):
         sample(SampleConfig(out=tmp_path / "out", adapters=[str(files["a"])], prompts=[PROMPT], num_inference_steps=1))
     assert list(tmp_path.iterdir()) == []

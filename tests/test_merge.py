@@ -17,10 +17,12 @@ from lora_helpers import assert_one_line_error, initial_latents, make_adapter, r
 from processes import run
 from safetensors import safe_open
 
-from lora_db.adapters import AdapterFile, lora_delta, lora_pairs, lora_scale, read_adapter
+from lora_db.adapters.format import read_adapter
+from lora_db.adapters.hotswap import AdapterSet
+from lora_db.adapters.layers import lora_delta, lora_pairs, lora_scale
+from lora_db.adapters.merge import combine_adapters, fold_adapters, untie_caption_decoder
+from lora_db.adapters.spec import AdapterFile
 from lora_db.errors import LoraDBError
-from lora_db.inference import AdapterSet
-from lora_db.merge import combine_adapters, fold_adapters, untie_caption_decoder
 
 MERGE_ATOL = 1e-5
 
@@ -231,12 +233,12 @@ def test_into_adapter_file_hot_swaps_like_both(files, swap, tmp_path, monkeypatc
 
 
 def test_info_reads_metadata_without_loading_a_model(files, monkeypatch, capsys):
-    import lora_db.models
+    import lora_db.models.loading
 
     def no_model(*args, **kwargs):
         raise AssertionError("info loaded a model")
 
-    monkeypatch.setattr(lora_db.models, "load_pipeline", no_model)
+    monkeypatch.setattr(lora_db.models.loading, "load_pipeline", no_model)
     code, stdout, _ = run_cli(monkeypatch, capsys, "info", files["b"])
     assert code == 0
     assert "base model    tiny" in stdout
@@ -283,7 +285,8 @@ def test_merge_errors(extra, fragments, files, tmp_path, monkeypatch, capsys):
 
 def test_hot_swap_and_merge_reproduce_the_trained_models_own_forward(pristine, tiny_config, tmp_path):
     """Tie both paths to training itself: peft's scaling in the trained model, not lora-db's own scale formula."""
-    from lora_db.train import check_before_loading, optimizer_step, save_outputs, setup_accelerator, setup_run
+    from lora_db.training.loop import optimizer_step, save_outputs
+    from lora_db.training.setup import check_before_loading, setup_accelerator, setup_run
 
     options = {"rank": 4, "alpha": 8.0, "learning_rate": 5e-2, "train_text_encoder": True}
     config = check_before_loading(tiny_config(**options), torch.device("cpu"))

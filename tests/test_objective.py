@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lora_db.objective import PromptEncoder, add_noise, dreambooth_loss
-from lora_db.tiny import build_random_pipeline
+from lora_db.models.objective import add_noise, dreambooth_loss
+from lora_db.models.random import build_random_pipeline
+from lora_db.training.examples import PromptEncoder
 
 PROMPTS = ["a photo of sks robot", "a red cube on grass"]
 

@@ -50,7 +50,7 @@ def tensorboard_events(folder) -> dict[str, list]:
 def test_tensorboard_gets_metrics_hyperparameters_and_images_and_a_model_card_is_written(tiny_config):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     config = tiny_config(max_train_steps=2, report_to="tensorboard", use_dora=True, rank=2, **VALIDATION)
     result = train(config)
@@ -77,7 +77,7 @@ def test_tensorboard_gets_metrics_hyperparameters_and_images_and_a_model_card_is
 
 
 def test_a_readme_lora_db_did_not_write_is_kept(tiny_config, caplog):
-    from lora_db.model_card import write_model_card
+    from lora_db.training.model_card import write_model_card
 
     config = tiny_config()
     config.output_dir.mkdir(parents=True)
@@ -265,7 +265,7 @@ def test_bad_hub_options(options, fragment, tiny_config):
 
 @needs_tensorboard
 def test_report_to_resolution():
-    from lora_db.tracking import resolve_tracker
+    from lora_db.training.tracking import resolve_tracker
 
     assert resolve_tracker("none") is None
     assert resolve_tracker(None) == ("tensorboard" if importlib.util.find_spec("tensorboard") else None)
@@ -274,7 +274,7 @@ def test_report_to_resolution():
 
 @NEEDS_WANDB
 def test_wandb_online_without_an_api_key_is_refused_before_loading(tmp_path, monkeypatch):
-    from lora_db.tracking import resolve_tracker
+    from lora_db.training.tracking import resolve_tracker
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -291,7 +291,7 @@ def test_wandb_online_without_an_api_key_is_refused_before_loading(tmp_path, mon
 
 @needs_tensorboard
 def test_a_tracker_that_cannot_write_stops_itself_not_the_run(tiny_config, caplog):
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     config = tiny_config(max_train_steps=2, report_to="tensorboard")
     config.output_dir.mkdir(parents=True)

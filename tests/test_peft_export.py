@@ -8,10 +8,9 @@ import torch
 from lora_helpers import assert_close, assert_one_line_error, make_variant_adapter, run_cli, uvit_and_text_outputs
 from safetensors.torch import load_file
 
-from lora_db.adapters import read_adapter
+from lora_db.adapters.format import export_peft, read_adapter
+from lora_db.adapters.hotswap import AdapterSet
 from lora_db.errors import LoraDBError
-from lora_db.inference import AdapterSet
-from lora_db.peft_export import export_peft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

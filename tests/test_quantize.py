@@ -22,21 +22,15 @@ import torch
 from lora_helpers import assert_one_line_error, run_cli, t2i, train_command
 from torch import nn
 
-from lora_db.adapters import linear_layers, read_adapter
-from lora_db.config import TrainConfig
+from lora_db.adapters.format import read_adapter
+from lora_db.adapters.hotswap import AdapterSet, quantize_for
+from lora_db.adapters.layers import linear_layers
+from lora_db.adapters.merge import fold_adapters
+from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
-from lora_db.inference import AdapterSet, quantize_for
-from lora_db.merge import fold_adapters
-from lora_db.quantize import quantization_tensors, quantized_bytes, quantized_layers, storage_bytes
-from lora_db.train import (
-    check_before_loading,
-    optimizer_step,
-    run_validation,
-    save_outputs,
-    setup_accelerator,
-    setup_run,
-    train,
-)
+from lora_db.models.quantize import quantization_tensors, quantized_bytes, quantized_layers, storage_bytes
+from lora_db.training.loop import optimizer_step, run_validation, save_outputs, train
+from lora_db.training.setup import check_before_loading, setup_accelerator, setup_run
 
 MERGE_ATOL = 1e-5
 QUANTIZATION_ERROR_FACTOR = 1.5  # see the module docstring
@@ -206,7 +200,7 @@ def test_merged_onto_the_dequantized_base_computes_what_training_did(
     base's quantization error, and it is a plain fp32 diffusers pipeline."""
     from diffusers import UniDiffuserPipeline
 
-    from lora_db.merge import dequantize_base_as_trained, quantization_trained_on
+    from lora_db.adapters.merge import dequantize_base_as_trained, quantization_trained_on
 
     path, trained, _ = qlora_adapter
     adapter = read_adapter(path)
@@ -234,8 +228,8 @@ def test_merged_onto_the_dequantized_base_computes_what_training_did(
 def test_dequantized_base_refusals_come_before_the_base_loads(qlora_adapter, tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    import lora_db.models
-    from lora_db.adapters import save_adapter
+    import lora_db.adapters.merge
+    from lora_db.adapters.format import save_adapter
 
     adapter = read_adapter(qlora_adapter[0])
 
@@ -246,7 +240,7 @@ def test_dequantized_base_refusals_come_before_the_base_loads(qlora_adapter, tmp
     def no_loading(*args, **kwargs):
         raise AssertionError("the base must not load")
 
-    monkeypatch.setattr(lora_db.models, "load_pipeline", no_loading)
+    monkeypatch.setattr(lora_db.adapters.merge, "load_pipeline", no_loading)
     int8 = variant("int8", quantize_base="int8")
     odd = variant("odd", quantize_base="fp3")
     fp5 = variant("fp5", mixed_precision="fp5")
@@ -292,9 +286,10 @@ def test_eval_on_a_quantized_base_samples_as_sampling_on_it_does(qlora_adapter, 
     """`lora-db eval --quantize-base nf4` scores a QLoRA adapter on the base it was trained on: its samples are
     those `lora-db sample --quantize-base nf4` makes, not those of the full-precision base."""
     import lora_db
-    from lora_db.data import load_image
-    from lora_db.evaluate import EvalConfig, evaluate
-    from lora_db.sampling import generate_images
+    from lora_db.config.evaluate import EvalConfig
+    from lora_db.evaluation.evaluate import evaluate
+    from lora_db.images import load_image
+    from lora_db.models.sampling import generate_images
 
     path = qlora_adapter[0]
     prompt = "a photo of sks robot"
@@ -320,7 +315,7 @@ def test_eval_on_a_quantized_base_samples_as_sampling_on_it_does(qlora_adapter, 
 
 
 def test_estimate_counts_packed_weights_and_constants_as_training_holds_them(tiny_config):
-    from lora_db.estimate import estimate_memory
+    from lora_db.training.estimate import estimate_memory
 
     config = TrainConfig(model="tiny", quantize_base="nf4", mixed_precision="bf16", cache_latents=True)
     estimate = estimate_memory(config, device="cpu")
@@ -355,7 +350,7 @@ def test_nothing_idle_on_the_device(tiny_config, validation):
 def test_impossible_quantizations_fail_before_loading(tiny_config, monkeypatch, capsys, tmp_path, instance_dir):
     import importlib.util
 
-    import lora_db.train
+    import lora_db.training.setup
 
     with pytest.raises(LoraDBError, match="--method full"):
         tiny_config(method="full", quantize_base="nf4")
@@ -363,7 +358,7 @@ def test_impossible_quantizations_fail_before_loading(tiny_config, monkeypatch, 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(lora_db.train, "load_pipeline", no_loading)
+    monkeypatch.setattr(lora_db.training.setup, "load_pipeline", no_loading)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
@@ -378,7 +373,7 @@ def test_impossible_quantizations_fail_before_loading(tiny_config, monkeypatch, 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="probes a device this machine lacks")
 def test_a_device_bitsandbytes_cannot_use_is_one_line():
-    from lora_db.quantize import check_quantization
+    from lora_db.models.quantize import check_quantization
 
     with pytest.raises(LoraDBError) as err:
         check_quantization("nf4", torch.device("cuda"), torch.bfloat16)
@@ -395,7 +390,7 @@ def test_nf4_layers_compute_within_the_formats_error_whatever_the_row_width(in_f
     """NF4 with Gaussian weights returns them with about 9% RMS error. bitsandbytes' CPU kernel decodes blocks row
     by row, so a block spanning two rows (a 96-wide layer at the default block size 64) came back 27% off: the
     blocks are chosen to fit the rows, and this holds for every width a UniDiffuser U-ViT or tiny model has."""
-    from lora_db.quantize import _quantized_layer
+    from lora_db.models.quantize import _quantized_layer
 
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(in_features, 48, bias=False)
@@ -410,7 +405,7 @@ def test_nf4_layers_compute_within_the_formats_error_whatever_the_row_width(in_f
 
 
 def quantized_weight(layer: nn.Module) -> torch.Tensor:
-    from lora_db.quantize import dequantized_weight
+    from lora_db.models.quantize import dequantized_weight
 
     return dequantized_weight(layer)
 
@@ -419,8 +414,8 @@ def test_tiny_world_backbone_survives_nf4(one_thread):
     """Every linear layer of tiny-world's pretrained U-ViT, quantized, stays within NF4's own error of its
     full-precision output (measured: at most 0.10 relative RMS; 0.17-0.27 with blocks straddling its 96-wide rows,
     which is what had cost tiny-world most of its pretraining under --quantize-base nf4)."""
-    from lora_db.models import load_pipeline
-    from lora_db.quantize import _quantized_layer
+    from lora_db.models.loading import load_pipeline
+    from lora_db.models.quantize import _quantized_layer
 
     unet = load_pipeline("tiny-world").unet.float()
     generator = torch.Generator().manual_seed(0)
@@ -439,8 +434,8 @@ def test_layers_nf4_cannot_block_by_row_keep_full_precision(caplog):
 
     import bitsandbytes as bnb
 
-    from lora_db.quantize import quantize_model
-    from lora_db.tiny import uvit
+    from lora_db.models.quantize import quantize_model
+    from lora_db.models.random import uvit
 
     unet = uvit(text_dim=8, clip_img_dim=16, num_text_tokens=4, heads=2, head_dim=24, layers=3, sample_size=4)
     with caplog.at_level(logging.INFO, logger="lora_db"):
@@ -458,7 +453,7 @@ def test_a_library_that_computes_wrongly_is_refused_before_loading(monkeypatch):
     """A kernel that runs but returns the wrong numbers (as a block misdecoded) fails the probe in one line."""
     import bitsandbytes.functional as F
 
-    from lora_db.quantize import check_quantization
+    from lora_db.models.quantize import check_quantization
 
     check_quantization("nf4", torch.device("cpu"), torch.bfloat16)  # the installed library computes it well
     quantize = F.quantize_4bit

@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_db.config import TrainConfig, field_types, option_type
+from lora_db.config.fields import field_types, option_type
+from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
 
 
 def cli(args, monkeypatch, capsys) -> tuple[int, str]:
     """Run `lora-db ARGS` in this process; (exit code, the one `error:` line, or all of stderr if none)."""
-    from lora_db.cli import main
+    from lora_db.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["lora-db", *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:
@@ -116,8 +117,7 @@ def test_class_folder_may_not_overlap_the_photos(instance_dir, relation):
 
 
 def test_sample_and_merge_check_their_numbers_too(tmp_path):
-    from lora_db.inference import SampleConfig
-    from lora_db.merge import MergeConfig
+    from lora_db.config.commands import MergeConfig, SampleConfig
 
     with pytest.raises(LoraDBError, match=r"--seed must be in \[0, 4294967295\] \(got -1\)"):
         SampleConfig(out=tmp_path, prompts=["x"], seed=-1)
@@ -128,7 +128,7 @@ def test_sample_and_merge_check_their_numbers_too(tmp_path):
 
 
 def test_unexpected_errors_are_one_line_without_debug(monkeypatch, capsys):
-    import lora_db.adapters as adapters
+    import lora_db.adapters.format as adapters
 
     def broken(*args, **kwargs):
         raise TypeError("something internal broke")
@@ -187,9 +187,10 @@ def fill_disk(folder, leave_bytes):
 
 
 def test_a_real_full_disk_during_a_checkpoint_keeps_everything(small_disk, tiny_config, tmp_path, monkeypatch):
-    from lora_db.adapters import read_adapter
-    from lora_db.checkpoint import list_checkpoints, load_checkpoint
-    from lora_db.train import train
+    from lora_db.adapters.format import read_adapter
+    from lora_db.layout import list_checkpoints
+    from lora_db.training.checkpoint import load_checkpoint
+    from lora_db.training.loop import train
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the rescued weights go: a disk with room
     import tempfile
@@ -221,8 +222,8 @@ def test_a_real_full_disk_after_training_rescues_the_weights(
     small_disk, tiny_config, tmp_path, monkeypatch, leave_kib, report_to, failing
 ):
     pytest.importorskip(report_to) if report_to != "none" else None
-    from lora_db.adapters import read_adapter
-    from lora_db.train import train
+    from lora_db.adapters.format import read_adapter
+    from lora_db.training.loop import train
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
@@ -273,7 +274,7 @@ def lock_holder():
 
 
 def test_a_second_run_in_the_same_output_folder_is_refused_naming_the_first(tiny_config, lock_holder, tmp_path):
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     out = tmp_path / "out"
     holder = lock_holder(out)
@@ -290,8 +291,9 @@ def test_a_second_run_in_the_same_output_folder_is_refused_naming_the_first(tiny
 
 
 def test_sample_and_merge_outputs_are_locked_too(lock_holder, tmp_path, four_step_run):
-    from lora_db.inference import SampleConfig, sample
-    from lora_db.merge import MergeConfig, merge, write_combined
+    from lora_db.adapters.merge import merge, write_combined
+    from lora_db.adapters.sample import sample
+    from lora_db.config.commands import MergeConfig, SampleConfig
 
     merged = tmp_path / "merged"
     holder = lock_holder(merged, inside=False)
@@ -326,7 +328,7 @@ def test_runs_sharing_a_class_folder_wait_their_turn(lock_holder, tmp_path, capl
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_stop_signals_before_training_stop_at_once_and_during_it_ask_for_a_checkpoint(signum):
-    from lora_db.stopping import TrainingInterrupted, stop_on_signals
+    from lora_db.training.stopping import TrainingInterrupted, stop_on_signals
 
     with pytest.raises(TrainingInterrupted, match="before training started") as err, stop_on_signals():
         os.kill(os.getpid(), signum)
@@ -340,7 +342,7 @@ def test_stop_signals_before_training_stop_at_once_and_during_it_ask_for_a_check
 
 
 def test_a_slow_checkpoint_is_reported_with_the_time_a_stop_signal_needs(caplog):
-    from lora_db.stopping import StopRequest
+    from lora_db.training.stopping import StopRequest
 
     stop = StopRequest()
     stop.note_checkpoint(2.0, "out/checkpoint-1")
@@ -394,7 +396,7 @@ def test_sigterm_and_sighup_save_a_checkpoint_and_the_run_resumes(instance_dir, 
 @pytest.fixture(scope="module")
 def four_step_run(instance_dir, tmp_path_factory):
     """A 4-step run with checkpoints at 2 and 4, trained once for the module."""
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     config = TrainConfig(
         model="tiny", instance_dir=instance_dir, instance_prompt="a photo of sks robot", learning_rate=5e-3,
@@ -429,7 +431,7 @@ def finished_run(four_step_run, tiny_config, tmp_path):
     ],
 )
 def test_resume_refuses_other_options_before_writing_anything(finished_run, overrides, fragment):
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     again, config_json = finished_run
     config = again(**overrides)
@@ -440,7 +442,7 @@ def test_resume_refuses_other_options_before_writing_anything(finished_run, over
 
 
 def test_resume_refuses_max_steps_below_the_checkpoint(finished_run):
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     again, config_json = finished_run
     config = again(max_train_steps=2)
@@ -454,7 +456,7 @@ def test_resume_refuses_max_steps_below_the_checkpoint(finished_run):
 def test_resume_may_change_the_steps_and_config_json_says_what_runs(finished_run):
     import json
 
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     again, _ = finished_run
     config = again(max_train_steps=5, checkpointing_steps=5, validation_steps=3)
@@ -468,7 +470,7 @@ def test_resume_refuses_changed_photos(tiny_config, instance_dir, tmp_path):
 
     from PIL import Image
 
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     photos = tmp_path / "photos"
     shutil.copytree(instance_dir, photos)
@@ -481,7 +483,7 @@ def test_resume_refuses_changed_photos(tiny_config, instance_dir, tmp_path):
 
 
 def test_resume_latest_on_a_finished_run_without_checkpoints_is_refused(tiny_config):
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     config = tiny_config(max_train_steps=1)
     train(config)
@@ -494,8 +496,9 @@ def test_resume_latest_on_a_finished_run_without_checkpoints_is_refused(tiny_con
 
 
 def test_resuming_an_older_checkpoint_retires_the_later_ones_and_pruning_keeps_the_new(finished_run):
-    from lora_db.checkpoint import list_checkpoints, load_checkpoint
-    from lora_db.train import train
+    from lora_db.layout import list_checkpoints
+    from lora_db.training.checkpoint import load_checkpoint
+    from lora_db.training.loop import train
 
     again, _ = finished_run
     config = again(resume_from_checkpoint=None)
@@ -510,7 +513,9 @@ def test_resuming_an_older_checkpoint_retires_the_later_ones_and_pruning_keeps_t
 
 
 def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
-    from lora_db.checkpoint import MARKER, list_checkpoints, prune_checkpoints
+    from lora_db.layout import CHECKPOINT_MARKER as MARKER
+    from lora_db.layout import list_checkpoints
+    from lora_db.training.checkpoint import prune_checkpoints
 
     for step in (2, 5, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -526,7 +531,7 @@ def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
 def test_broken_symlinks_among_the_photos_are_reported(instance_dir, tmp_path, kind, caplog):
     import shutil
 
-    from lora_db.data import scan_images
+    from lora_db.training.data import scan_images
 
     photos = tmp_path / "photos"
     shutil.copytree(instance_dir, photos)
@@ -541,7 +546,7 @@ def test_broken_symlinks_among_the_photos_are_reported(instance_dir, tmp_path, k
 def test_files_that_are_not_read_are_named(instance_dir, tmp_path, caplog):
     import shutil
 
-    from lora_db.data import find_images
+    from lora_db.images import find_images
 
     photos = tmp_path / "photos"
     shutil.copytree(instance_dir, photos)
@@ -553,7 +558,8 @@ def test_files_that_are_not_read_are_named(instance_dir, tmp_path, caplog):
 def test_an_extreme_side_is_refused_before_it_is_upscaled(tmp_path):
     from PIL import Image
 
-    from lora_db.data import prepare_image, scan_images
+    from lora_db.images import prepare_image
+    from lora_db.training.data import scan_images
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -568,7 +574,7 @@ def test_captions_the_text_encoder_cuts_are_reported(tiny_config, tmp_path, capl
     import logging
     import shutil
 
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     photos = tmp_path / "photos"
     shutil.copytree(tiny_config().instance_dir, photos)
@@ -586,7 +592,8 @@ def test_captions_the_text_encoder_cuts_are_reported(tiny_config, tmp_path, capl
 def test_a_rank_above_the_layers_width_is_a_warning_with_the_adapter_size(caplog):
     from torch import nn
 
-    from lora_db.adapters import LoraSpec, check_rank
+    from lora_db.adapters.layers import check_rank
+    from lora_db.adapters.spec import LoraSpec
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 16), nn.Linear(16, 16))
     check_rank(model, LoraSpec(8, 8.0, ("0", "1", "2")), "U-ViT")
@@ -601,8 +608,8 @@ def test_a_rank_above_the_layers_width_is_a_warning_with_the_adapter_size(caplog
 
 
 def test_an_adapter_from_another_base_model_gets_one_warning(caplog):
-    from lora_db.adapters import AdapterFile
-    from lora_db.inference import resolve_model
+    from lora_db.adapters.hotswap import resolve_model
+    from lora_db.adapters.spec import AdapterFile
 
     adapter = AdapterFile(path=Path("robot.safetensors"), tensors={}, specs={}, metadata={"base_model": "tiny"})
     assert resolve_model("random:small", [adapter]) == "random:small"

@@ -15,10 +15,11 @@ import pytest
 import torch
 from processes import run, spawn
 
-from lora_db.adapters import read_adapter
-from lora_db.checkpoint import list_checkpoints, load_checkpoint
+from lora_db.adapters.format import read_adapter
 from lora_db.errors import LoraDBError
-from lora_db.train import train
+from lora_db.layout import list_checkpoints
+from lora_db.training.checkpoint import load_checkpoint
+from lora_db.training.loop import train
 
 
 def read_losses(output_dir):
@@ -103,7 +104,7 @@ def test_full_or_read_only_disk_keeps_the_previous_files(tiny_config, monkeypatc
 
 
 def test_out_of_memory_suggests_the_options_that_would_help(tiny_config, monkeypatch):
-    import lora_db.train as train_module
+    import lora_db.training.loop as train_module
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_db.data import load_image, make_demo_images, prepare_image, to_tensor
-from lora_db.tiny import build_random_pipeline, derive_scaling_factor
+from lora_db.images import load_image, prepare_image, to_tensor
+from lora_db.models.random import build_random_pipeline, derive_scaling_factor
+from lora_db.synthetic.demo import make_demo_images
 
 
 @pytest.mark.parametrize("preset", ["tiny"])

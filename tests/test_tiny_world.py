@@ -10,15 +10,9 @@ import json
 import pytest
 import torch
 
-from lora_db.tiny_world import (
-    CLASS_PROMPT,
-    SUBJECT_PROMPT,
-    TEXT_LENGTH,
-    asset_dir,
-    build_clip_tokenizer,
-    make_world,
-    world_words,
-)
+from lora_db.models.loading import tiny_world_dir as asset_dir
+from lora_db.synthetic.tiny_world import CLASS_PROMPT, SUBJECT_PROMPT, TEXT_LENGTH, build_clip_tokenizer, world_words
+from lora_db.synthetic.world import make_world
 
 
 def test_the_world_is_deterministic_and_every_word_is_one_token():
@@ -35,7 +29,7 @@ def test_the_world_is_deterministic_and_every_word_is_one_token():
 
 @pytest.fixture(scope="module")
 def world_pipe(one_thread):
-    from lora_db.models import load_pipeline
+    from lora_db.models.loading import load_pipeline
 
     pipe = load_pipeline("tiny-world")
     pipe.set_progress_bar_config(disable=True)
@@ -45,8 +39,8 @@ def world_pipe(one_thread):
 def test_shipped_folder_is_a_stock_diffusers_pipeline_with_a_derived_scaling_factor(one_thread):
     from diffusers import UniDiffuserPipeline
 
-    from lora_db.data import to_tensor
-    from lora_db.tiny import derive_scaling_factor
+    from lora_db.images import to_tensor
+    from lora_db.models.random import derive_scaling_factor
 
     pipe = UniDiffuserPipeline.from_pretrained(asset_dir(), use_safetensors=True)
     build = json.loads((asset_dir() / "build.json").read_text())
@@ -59,15 +53,16 @@ def test_shipped_folder_is_a_stock_diffusers_pipeline_with_a_derived_scaling_fac
 
 
 def _photos(folder, seed, count=5):
-    from lora_db.data import load_image, make_demo_images
+    from lora_db.images import load_image
+    from lora_db.synthetic.demo import make_demo_images
 
     return [load_image(p) for p in make_demo_images(folder, count=count, size=64, seed=seed)]
 
 
 def test_clip_i_tells_the_subject_from_other_robots(world_pipe, tmp_path):
     """A held-out photo of the subject scores far closer to its photos than the world's own robots do."""
-    from lora_db.evaluate import ImageEmbedder, mean_cross_similarity
-    from lora_db.tiny_world import Scene, render
+    from lora_db.evaluation.metrics import ImageEmbedder, mean_cross_similarity
+    from lora_db.synthetic.world import Scene, render
 
     embed = ImageEmbedder(world_pipe)
     reference = embed(_photos(tmp_path / "a", seed=0))
@@ -89,8 +84,8 @@ MARGIN_SUBJECT_VS_ROBOTS = 0.3
 
 def test_captions_give_the_pictures_they_describe(world_pipe):
     """Prompt-dependent images: tiny-world's CLIP matches each sample to its own prompt among the others."""
-    from lora_db.evaluate import ClipPair
-    from lora_db.sampling import generate_images
+    from lora_db.evaluation.metrics import ClipPair
+    from lora_db.models.sampling import generate_images
 
     prompts = ["a photo of a red car on the beach", "a photo of a blue house at night", "a photo of a yellow ball"]
     clip = ClipPair("tiny-world")
@@ -105,9 +100,9 @@ def test_captions_give_the_pictures_they_describe(world_pipe):
 @pytest.fixture(scope="module")
 def dreambooth_runs(tmp_path_factory, one_thread):
     """Two LoRA runs on the unseen subject, with and without prior preservation."""
-    from lora_db.config import TrainConfig
-    from lora_db.data import make_demo_images
-    from lora_db.train import train
+    from lora_db.config.train import TrainConfig
+    from lora_db.synthetic.demo import make_demo_images
+    from lora_db.training.loop import train
 
     work = tmp_path_factory.mktemp("dreambooth")
     photos = work / "photos"
@@ -133,7 +128,8 @@ STEPS = 300
 
 @pytest.mark.slow
 def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(dreambooth_runs, one_thread):
-    from lora_db.evaluate import EvalConfig, evaluate
+    from lora_db.config.evaluate import EvalConfig
+    from lora_db.evaluation.evaluate import evaluate
 
     work = dreambooth_runs
     config = EvalConfig(
@@ -211,9 +207,9 @@ def test_qlora_quality_benchmark_scores_each_adapter_on_both_bases(tmp_path, mon
 @pytest.fixture(scope="module")
 def qlora_runs(tmp_path_factory, one_thread):
     """The same DreamBooth run (bf16 compute) on the bf16 base and on the NF4 base."""
-    from lora_db.config import TrainConfig
-    from lora_db.data import make_demo_images
-    from lora_db.train import train
+    from lora_db.config.train import TrainConfig
+    from lora_db.synthetic.demo import make_demo_images
+    from lora_db.training.loop import train
 
     work = tmp_path_factory.mktemp("qlora")
     make_demo_images(work / "photos", count=5, size=64, seed=0)
@@ -234,9 +230,9 @@ def qlora_runs(tmp_path_factory, one_thread):
 
 def _subject_fidelity(work, adapter, quantize_base: str) -> float:
     """CLIP-I of four samples of the subject prompt, from the adapter on the base it was trained on."""
-    from lora_db.data import find_images, load_image
-    from lora_db.evaluate import TrainingEval
-    from lora_db.inference import load_pipeline
+    from lora_db.adapters.hotswap import load_pipeline
+    from lora_db.evaluation.metrics import TrainingEval
+    from lora_db.images import find_images, load_image
 
     pipe = load_pipeline("tiny-world", [adapter] if adapter else [], quantize_base=quantize_base)
     pipe.set_progress_bar_config(disable=True)

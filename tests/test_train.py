@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_db.adapters import read_adapter
-from lora_db.checkpoint import list_checkpoints
-from lora_db.data import batch_indices
+from lora_db.adapters.format import read_adapter
 from lora_db.errors import LoraDBError
-from lora_db.memory import uvit_blocks
-from lora_db.train import check_before_loading, micro_batch_loss, optimizer_step, setup_accelerator, setup_run, train
+from lora_db.layout import list_checkpoints
+from lora_db.models.memory import uvit_blocks
+from lora_db.training.data import batch_indices
+from lora_db.training.loop import micro_batch_loss, optimizer_step, train
+from lora_db.training.setup import check_before_loading, setup_accelerator, setup_run
 
 
 def metrics(output_dir):
@@ -200,7 +201,7 @@ def test_class_images_are_generated_once_and_reused(tiny_config, tmp_path):
 def test_every_process_restores_its_own_rng_row():
     """A checkpoint holds one row of RNG state per process; rank 1's row must restore rank 1's generators
     exactly (a view of that row was refused by torch, so no multi-process run could resume)."""
-    from lora_db.checkpoint import restore_rng_state
+    from lora_db.training.checkpoint import restore_rng_state
 
     states = []
     for seed in (1, 2):
@@ -251,7 +252,7 @@ def test_resuming_with_another_process_count_continues_and_says_what_differs(tin
 
     from safetensors.torch import load_file, save_file
 
-    from lora_db.checkpoint import restore_rng_state
+    from lora_db.training.checkpoint import restore_rng_state
 
     options = {"max_train_steps": 6, "checkpointing_steps": 3, "lora_dropout": 0.1}
     full = tmp_path / "full"
@@ -328,7 +329,13 @@ def test_batch_indices_cover_every_item_once_per_epoch_and_split_across_processe
 def test_fp16_loss_scale_and_growth_tracker_survive_a_checkpoint(tmp_path):
     from types import SimpleNamespace
 
-    from lora_db.checkpoint import TrainingState, load_checkpoint, restore_scaler, save_checkpoint, scaler_state
+    from lora_db.training.checkpoint import (
+        TrainingState,
+        load_checkpoint,
+        restore_scaler,
+        save_checkpoint,
+        scaler_state,
+    )
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)

@@ -11,12 +11,13 @@ import pytest
 import torch
 from lora_helpers import assert_close, assert_one_line_error, make_variant_adapter, run_cli, uvit_and_text_outputs
 
-from lora_db.adapters import lora_scale, lora_state_dict, read_adapter, save_adapter
+from lora_db.adapters.format import read_adapter, save_adapter
+from lora_db.adapters.hotswap import AdapterSet, lora_layers
+from lora_db.adapters.layers import lora_scale, lora_state_dict
+from lora_db.adapters.merge import combine_adapters, fold_adapters
 from lora_db.errors import LoraDBError
-from lora_db.inference import AdapterSet, lora_layers
-from lora_db.merge import combine_adapters, fold_adapters
-from lora_db.objective import dreambooth_loss, min_snr_weights
-from lora_db.tiny import build_random_pipeline
+from lora_db.models.objective import dreambooth_loss, min_snr_weights
+from lora_db.models.random import build_random_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,7 +141,7 @@ def test_damaged_dora_files_are_refused(pristine, tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_loraplus_puts_b_matrices_at_ratio_times_the_rate(tiny_config, optimizer):
-    from lora_db.train import setup_models, setup_optimizer
+    from lora_db.training.setup import setup_models, setup_optimizer
 
     config = tiny_config(
         loraplus_lr_ratio=16.0,
@@ -163,7 +164,8 @@ def test_loraplus_puts_b_matrices_at_ratio_times_the_rate(tiny_config, optimizer
 
 
 def test_training_with_every_variant_and_loss_option_then_continuing_it(tiny_config, tmp_path):
-    from lora_db.train import setup_models, train
+    from lora_db.training.loop import train
+    from lora_db.training.setup import setup_models
 
     options = {"use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 4.0, "snr_gamma": 5.0}
     first = train(tiny_config(max_train_steps=2, train_text_encoder=True, noise_offset=0.1, **options))
@@ -193,7 +195,7 @@ def test_training_with_every_variant_and_loss_option_then_continuing_it(tiny_con
     ],
 )
 def test_init_adapter_mismatches_are_named(options, fragment, tiny_config, pristine, tmp_path):
-    from lora_db.train import setup_models
+    from lora_db.training.setup import setup_models
 
     path = make_variant_adapter(pristine, tmp_path / "init.safetensors", seed=10, use_dora=True)
     values = {"init_adapter": path, "use_dora": True, "alpha": 8.0, "train_text_encoder": True} | options
@@ -266,7 +268,7 @@ def test_resume_with_dora_loraplus_and_loss_options_reproduces_the_run(tiny_conf
     import json
     import shutil
 
-    from lora_db.train import train
+    from lora_db.training.loop import train
 
     options = {
         "max_train_steps": 4,
@@ -295,7 +297,7 @@ def test_resume_with_dora_loraplus_and_loss_options_reproduces_the_run(tiny_conf
 
 
 def test_estimate_takes_the_variant_options(pristine, tiny_config, tmp_path):
-    from lora_db.estimate import estimate_memory
+    from lora_db.training.estimate import estimate_memory
 
     init = make_variant_adapter(pristine, tmp_path / "init.safetensors", seed=12, use_dora=True, text_encoder=False)
     options = {"use_dora": True, "alpha": 8.0, "loraplus_lr_ratio": 16.0, "snr_gamma": 5.0, "noise_offset": 0.1}

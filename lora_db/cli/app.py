@@ -1,0 +1,101 @@
+"""The `lora-db` application: the commands of lora_db.cli.train, .adapters and .evaluate, and one-line errors.
+
+A problem the user can fix prints one line on stderr and exits with code 1 (`--debug` or LORA_DB_DEBUG=1 shows
+the traceback); usage errors keep typer's exit code 2. An error of the operating system (a full disk, a missing
+permission) is one line too, and so is an unexpected error: no path shows a traceback without `--debug`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+from lora_db.cli.adapters import app as adapter_commands
+from lora_db.cli.evaluate import app as eval_commands
+from lora_db.cli.train import app as train_commands
+from lora_db.errors import LoraDBError
+from lora_db.io import explain_os_error, os_error_of
+from lora_db.logs import quiet_library_logs
+
+app = typer.Typer(
+    name="lora-db",
+    help="Memory-optimized LoRA DreamBooth for UniDiffuser (thu-ml/unidiffuser-v1).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_DEBUG_ENV = "LORA_DB_DEBUG"
+
+
+def _debug_enabled() -> bool:
+    return os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    if debug:
+        os.environ[_DEBUG_ENV] = "1"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    quiet_library_logs()
+
+
+for commands in (train_commands, adapter_commands, eval_commands):
+    app.registered_commands += commands.registered_commands
+
+
+def _thread_error(args) -> None:
+    """A library's background thread (tensorboard's event writer on a full disk, say) failed: one line, no traceback.
+    The main thread meets the same failure at its next call into that library and stops with its own error."""
+    if _debug_enabled() or args.exc_type is SystemExit:
+        threading.__excepthook__(args)
+        return
+    name = args.thread.name if args.thread is not None else "a background thread"
+    typer.echo(f"warning: {name} stopped: {_one_line(args.exc_value)}", err=True)
+
+
+def main() -> None:
+    threading.excepthook = _thread_error
+    try:
+        app()
+    except LoraDBError as err:
+        if _debug_enabled():
+            raise
+        if not getattr(err, "quiet", False):
+            typer.echo(f"error: {err}", err=True)
+        sys.exit(getattr(err, "exit_code", 1))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:
+        if _debug_enabled():
+            raise
+        typer.echo(f"error: {_one_line(err)}", err=True)
+        sys.exit(1)
+
+
+def _one_line(err: Exception) -> str:
+    os_error = os_error_of(err)
+    if os_error is not None:
+        where = getattr(os_error, "filename", None)
+        if os_error.errno in (errno.ENOSPC, errno.EDQUOT) or (where and os_error.errno == errno.EROFS):
+            return str(explain_os_error(os_error, where or "a file"))
+        return f"{where}: {os_error.strerror or os_error}" if where else f"{os_error.strerror or os_error}"
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (
+        f"unexpected {type(err).__name__}{': ' + detail if detail else ''} "
+        "(run again with --debug for the traceback, and please report it)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""`lora-db eval`: a thin typer command over lora_db.evaluation.
+
+    lora-db eval --model tiny-world --adapter robot --instance-dir photos --prompt "a photo of sks robot" \
+        --class-prompt "a photo of a robot" --num-images 4 --out robot-eval
+
+Options, defaults and help text come from EvalConfig (lora_db.config.evaluate) through the one option generator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from lora_db.cli.options import build_config, with_config_options
+from lora_db.config.evaluate import EvalConfig
+
+app = typer.Typer()
+
+
+@app.command("eval", no_args_is_help=True)
+@with_config_options(EvalConfig)
+def eval_command(**values: Any) -> None:
+    """Score adapters (and the base) with DreamBooth's metrics: CLIP-I, DINO, CLIP-T, prior drift, diversity.
+
+    A run folder as --adapter evaluates each checkpoint and its final adapter and plots the metrics against the
+    step. Example: lora-db eval --model tiny-world --adapter robot-run --instance-dir photos
+    --prompt "a photo of sks robot" --class-prompt "a photo of a robot" --out robot-eval
+    """
+    from lora_db.evaluation.evaluate import evaluate, table_lines
+
+    config = build_config(EvalConfig, values)
+    result = evaluate(config)
+    if config.quantize_base != "none":
+        typer.echo(f"every row sampled on the {config.quantize_base}-quantized base")
+    for line in table_lines(result):
+        typer.echo(line)
+    typer.echo(f"results: {result.out / 'eval.json'}")
+    typer.echo(f"grids: {', '.join(str(p) for p in result.grids)}")
+    if result.plot is not None:
+        typer.echo(f"plot: {result.plot}")

@@ -1,0 +1,193 @@
+"""How a config field is declared, checked and read from a TOML file: the one place every command's options come from.
+
+Every option of every command is a dataclass field declared with `option(...)`: its default, its help text, the
+--help panel it is listed in, its flag (when it differs from the field name), whether it is a positional argument,
+and its numeric range. `lora_db.cli.options` turns these fields into typer options; `check_numbers` enforces the
+ranges in each config's `__post_init__`; `read_toml` reads `--config FILE.toml` against the same fields.
+Nothing here imports torch, so the CLI prints --help and usage errors in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from lora_db.errors import LoraDBError
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Quantization = Literal["none", "nf4", "int8"]
+
+MAX_SEED = 2**32 - 1  # numpy and the data order take 32-bit seeds
+RANGE_KEYS = ("minimum", "maximum", "above", "below")
+
+
+def option(
+    default: Any,
+    help: str,
+    group: str | None = None,
+    *,
+    flag: str | None = None,
+    argument: bool = False,
+    required: bool = False,
+    **limits: float,
+) -> Any:
+    """A config field: `default` (a callable builds a fresh one: `list`), `help`, the --help `group`, the CLI `flag`
+    when it is not the field name (`adapters` -> `--adapter`), `argument` for a positional one, `required` for an
+    option the command cannot run without, and the range: `minimum`/`maximum` (inclusive), `above`/`below`."""
+    unknown = set(limits) - set(RANGE_KEYS)
+    if unknown:
+        raise TypeError(f"option(): unknown range keys {sorted(unknown)}")
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    metadata = {"help": help, "group": group, "flag": flag, "argument": argument, "required": required, **limits}
+    return dataclasses.field(**factory, metadata=metadata)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The field's command-line flag without dashes: `adapters` -> `adapter`, `num_images` -> `num-images`."""
+    return (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def cli_flag(name: str) -> str:
+    """`num_images` -> `--num-images`."""
+    return "--" + name.replace("_", "-")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_numbers(options: Any) -> None:
+    """Every numeric field of a config dataclass: a number, finite, and inside the range its metadata declares.
+
+    Range keys: `minimum` / `maximum` (inclusive), `above` / `below` (exclusive). None stands for the default.
+    """
+    hints = field_types(type(options))
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        base, _, _ = option_type(hints[f.name])
+        if value is None or base not in (int, float):
+            continue
+        flag = "--" + flag_name(f)
+        if isinstance(value, bool) or not isinstance(value, int | float) or (base is int and isinstance(value, float)):
+            raise LoraDBError(f"{flag} must be {'an integer' if base is int else 'a number'} (got {value!r})")
+        low = f.metadata.get("minimum", f.metadata.get("above"))
+        high = f.metadata.get("maximum", f.metadata.get("below"))
+        inside = math.isfinite(value) and (
+            (low is None or value > low or (value == low and "minimum" in f.metadata))
+            and (high is None or value < high or (value == high and "maximum" in f.metadata))
+        )
+        if not inside:
+            raise LoraDBError(f"{flag} must be {range_text(f.metadata, base)} (got {value})")
+
+
+def range_text(meta: Mapping[str, Any], base: type) -> str:
+    low = meta.get("minimum", meta.get("above"))
+    high = meta.get("maximum", meta.get("below"))
+    finite = "a finite number" if base is float else "an integer"
+    if low is not None and high is not None:
+        return f"in {'[' if 'minimum' in meta else '('}{low}, {high}{']' if 'maximum' in meta else ')'}"
+    if low == 0 and "above" in meta:
+        return f"a positive {finite.removeprefix('a ').removeprefix('an ')}"
+    if low is not None:
+        return f"at least {low}" if base is int else f"{finite} of at least {low}"
+    return finite
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def option_type(annotation: Any) -> tuple[type, tuple[str, ...] | None, bool]:
+    """(base type, allowed choices, is optional) of a field annotation."""
+    hint = annotation
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if typing.get_origin(hint) is Literal:
+        return str, tuple(typing.get_args(hint)), optional
+    if typing.get_origin(hint) is list:
+        return list, None, optional
+    return hint, None, optional
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def read_toml(path: Path, cls: type) -> dict[str, Any]:
+    """Read a TOML file of option values, checking every key and type against the dataclass."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoraDBError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise LoraDBError(f"--config {path}: is a folder; pass a TOML file") from None
+    except OSError as err:
+        raise LoraDBError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise LoraDBError(f"--config {path}: not valid TOML ({err})") from None
+    hints = field_types(cls)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in hints:
+            known = ", ".join(sorted(n.replace("_", "-") for n in hints))
+            raise LoraDBError(f"--config {path}: unknown key {key!r}; known keys: {known}")
+        values[name] = _coerce(path, key, value, hints[name])
+    return values
+
+
+def _coerce(path: Path, key: str, value: Any, annotation: Any) -> Any:
+    base, choices, _ = option_type(annotation)
+
+    def wrong(expected: str) -> LoraDBError:
+        return LoraDBError(f"--config {path}: {key} must be {expected}, not {value!r}")
+
+    if base is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return float(value)
+    if base is list:
+        if isinstance(value, str):
+            value = [value]
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise wrong("a list of strings")
+        return value
+    if not isinstance(value, str):
+        raise wrong("a string")
+    if choices is not None and value not in choices:
+        raise wrong("one of " + ", ".join(choices))
+    return value  # paths stay text here: __post_init__ refuses an empty one before it could become "."
+
+
+def from_sources(cls: type, config_file: Path | None = None, **overrides: Any) -> Any:
+    """`cls` from its defaults, then the TOML file's keys, then the non-None overrides (the command line)."""
+    values = read_toml(config_file, cls) if config_file is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def to_dict(options: Any) -> dict[str, Any]:
+    """A config as plain JSON values (paths as text), in field order."""
+    return {f.name: plain(getattr(options, f.name)) for f in dataclasses.fields(options)}

@@ -1,0 +1,548 @@
+"""DreamBooth fine-tuning of UniDiffuser: LoRA adapters (or every U-ViT weight) trained on a few photos.
+
+    from lora_db import TrainConfig
+    from lora_db import train
+    result = train(TrainConfig(model="tiny", instance_dir="photos", instance_prompt="a photo of sks dog",
+                               output_dir="out", max_train_steps=30))
+
+The loss is UniDiffuser's own text-to-image objective: the VAE latent and the CLIP image embedding are noised
+at one timestep, the text stays clean (`timestep_text=0`, `data_type=1`), and both image outputs regress their
+noise. Guidance is not part of the loss; `uncond_prob` trains the unconditional branch that guidance uses.
+A run is: check options, load, set up models / data / optimizer, then the loop below, top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from lora_db.adapters.format import save_adapter
+from lora_db.adapters.layers import lora_state_dict
+from lora_db.config.train import TrainConfig
+from lora_db.errors import LoraDBError
+from lora_db.images import image_grid, save_png
+from lora_db.io import (
+    DiskFullError,
+    append_line,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    explain_os_error,
+)
+from lora_db.layout import ADAPTER_FILE, METRICS_FILE, list_checkpoints
+from lora_db.locks import output_lock
+from lora_db.models.memory import count_parameters, peak_memory_bytes, reset_peak_memory
+from lora_db.models.objective import dreambooth_loss
+from lora_db.models.sampling import generate_images
+from lora_db.training.checkpoint import (
+    TrainingState,
+    resolve_checkpoint,
+    restore,
+    rng_state,
+    save_checkpoint,
+    scaler_state,
+    trainable_state,
+)
+from lora_db.training.data import batch_indices
+from lora_db.training.hub import push_run
+from lora_db.training.model_card import write_model_card
+from lora_db.training.resume import RUN_RECORD, check_resume, data_digest, retire_later_checkpoints, run_record
+from lora_db.training.setup import (
+    FINAL_OUTPUTS,
+    RUN_FILES,
+    Models,
+    Run,
+    _clear_previous_run,
+    check_before_loading,
+    release_idle_modules,
+    sampling_mode,
+    setup_accelerator,
+    setup_run,
+    setup_training_eval,
+)
+from lora_db.training.stopping import StopRequest, TrainingInterrupted, stop_on_signals
+from lora_db.training.tracking import (
+    PROJECT,
+    hyperparameters,
+    log_validation_images,
+    resolve_tracker,
+    tracked,
+    tracker_init_kwargs,
+)
+from lora_db.version import __version__
+
+logger = logging.getLogger("lora_db")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_path: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    validation_dir: Path | None = None
+
+
+# -- small pure helpers ---------------------------------------------------------------------------------------------
+
+
+# -- checks before anything loads -----------------------------------------------------------------------------------
+
+
+# -- set-up ---------------------------------------------------------------------------------------------------------
+
+
+# -- state of a run -------------------------------------------------------------------------------------------------
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short when the process was killed mid-write
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary files and folders of ours that a killed run left behind (never anything else)."""
+    ours = (".checkpoint-", *(f".{name}." for name in RUN_FILES))
+    for path in output_dir.glob(".*.tmp"):
+        if path.name.startswith(ours):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
+    return {
+        "base_model": config.model,
+        "instance_prompt": config.instance_prompt,
+        "class_prompt": config.class_prompt or "",
+        "steps": str(step),
+        "resolution": str(config.resolution),
+        "quantize_base": config.quantize_base,
+        "mixed_precision": config.mixed_precision,  # the weights' dtype when the base was quantized
+        "lora_db_version": __version__,
+    }
+
+
+def save_outputs(config: TrainConfig, models: Models, step: int) -> Path:
+    """The run's result: the adapter file (LoRA) or a diffusers U-ViT folder (full fine-tuning)."""
+    if config.method == "full":
+        with atomic_directory(config.output_dir / "unet", replace=True) as tmp:
+            models.unet.save_pretrained(tmp, safe_serialization=True)
+        return config.output_dir / "unet"
+    tensors = {component: lora_state_dict(module) for component, module in models.trained.items()}
+    return save_adapter(config.output_dir / ADAPTER_FILE, tensors, models.specs, adapter_metadata(config, step))
+
+
+def run_validation(config: TrainConfig, models: Models, accelerator, step: int) -> Path:
+    folder = config.output_dir / "validation"
+    for module in models.trained.values():
+        module.eval()
+    for name in ("vae", "text_encoder"):  # what t2i sampling calls; the image encoder and GPT-2 it does not
+        getattr(models.pipe, name).to(accelerator.device)
+    images = generate_images(
+        models.pipe,
+        config.validation_prompt,
+        config.num_validation_images,
+        seed=config.seed,
+        num_inference_steps=config.validation_inference_steps,
+        guidance_scale=config.validation_guidance_scale,
+        autocast=accelerator.autocast,
+    )
+    for i, image in enumerate(images):
+        save_png(
+            image,
+            folder / f"step-{step:06d}-{i}.png",
+            {"prompt": config.validation_prompt, "seed": config.seed + i, "step": step},
+        )
+    save_png(image_grid([images]), folder / f"step-{step:06d}.png", {"prompt": config.validation_prompt})
+    tracked(accelerator, log_validation_images, accelerator, images, step, config.validation_prompt, config.seed)
+    for module in models.trained.values():
+        module.train()
+    return folder
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+
+def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
+    """Loss of one micro-batch: instance MSE + prior_loss_weight x class MSE (class examples share the batch)."""
+    config, accelerator = run.config, run.accelerator
+    latents, clips, texts = [], [], []
+    for source in run.sources:
+        pairs = batch_indices(
+            len(source),
+            config.train_batch_size,
+            micro_step,
+            config.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        batch_latents, batch_clips, batch_prompts = source.batch(pairs, run.generator)
+        latents.append(batch_latents)
+        clips.append(batch_clips)
+        texts.extend(batch_prompts)
+    with accelerator.autocast():
+        per_example = dreambooth_loss(
+            run.wrapped["unet"],
+            torch.cat(latents),
+            torch.cat(clips),
+            run.prompts(texts),
+            run.noise_scheduler,
+            run.generator,
+            config.uncond_prob,
+            noise_offset=config.noise_offset,
+            snr_gamma=config.snr_gamma,
+        )
+    n = config.train_batch_size
+    loss = per_example[:n].mean()
+    if len(run.sources) > 1:
+        loss = loss + config.prior_loss_weight * per_example[n:].mean()
+    return loss
+
+
+def optimizer_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+    config, accelerator = run.config, run.accelerator
+    accumulation = config.gradient_accumulation_steps
+    step_loss = torch.zeros((), device=accelerator.device)
+    for micro in range(accumulation):
+        with contextlib.ExitStack() as stack:
+            if micro < accumulation - 1:  # gradients are all-reduced only on the last micro-batch
+                for module in run.wrapped.values():
+                    stack.enter_context(accelerator.no_sync(module))
+            loss = micro_batch_loss(run, step * accumulation + micro)
+            if not torch.isfinite(loss):
+                raise LoraDBError(
+                    f"the loss became {loss.item()} at step {step + 1}: lower --learning-rate, or use bf16 instead "
+                    "of fp16; the checkpoints saved so far are intact"
+                )
+            accelerator.backward(loss / accumulation)
+        step_loss += loss.detach() / accumulation
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(run.trainable_parameters, config.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_loss, reduction="mean")
+
+
+def replica_divergence(run: Run) -> float:
+    """Largest difference of any trained weight between processes: 0 when every gradient was all-reduced.
+
+    Gathered one tensor at a time, so it costs (number of processes) x the largest tensor, never the whole model.
+    """
+    worst = 0.0
+    for tensor in trainable_state(run.models).values():
+        gathered = run.accelerator.gather(tensor.detach().float()[None])
+        worst = max(worst, (gathered - gathered[0]).abs().max().item())
+    return worst
+
+
+def memory_advice(config: TrainConfig) -> str:
+    """The memory options this configuration does not use yet, most effective first."""
+    unused = [
+        (config.method == "full", "--method lora"),
+        (config.mixed_precision == "no", "--mixed-precision bf16"),
+        (not config.gradient_checkpointing, "--gradient-checkpointing"),
+        (config.optimizer == "adamw", "--optimizer adamw8bit"),
+        (not config.cache_latents and not (config.random_crop or config.random_flip), "--cache-latents"),
+        (config.method == "lora" and config.quantize_base == "none", "--quantize-base nf4"),
+        (config.train_batch_size > 1, "a smaller --train-batch-size with --gradient-accumulation-steps"),
+    ]
+    options = [option for applies, option in unused if applies]
+    hint = "try " + ", ".join(options) if options else "every memory option is already on; use a larger device"
+    return f"{hint} (`lora-db estimate` with the same options predicts the peak)"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def plan_resume(config: TrainConfig) -> Path | None:
+    """Before anything is written: the checkpoint to continue from (None: a new run), refused if it cannot be."""
+    if not config.resume_from_checkpoint:
+        return None
+    checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if checkpoint is None:
+        finished = [name for name in FINAL_OUTPUTS if (config.output_dir / name).exists()]
+        if finished:
+            raise LoraDBError(
+                f"--resume-from-checkpoint {config.resume_from_checkpoint}: {config.output_dir} holds a finished run "
+                f"({finished[0]}) and no checkpoint to continue it from; start afresh with --overwrite or choose "
+                "another --output-dir (with --checkpointing-steps a finished run can be trained further)"
+            )
+        logger.warning("no checkpoint in %s yet: starting a new run", config.output_dir)
+        return None
+    check_resume(config, checkpoint)
+    return checkpoint
+
+
+def resume(run: Run, checkpoint: Path | None) -> int:
+    """Restore `checkpoint` (checked by plan_resume); returns the step to continue from."""
+    config = run.config
+    step = 0
+    if checkpoint is not None:
+        step = restore(
+            checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator, config.seed
+        )
+        logger.info("resumed from %s at step %d", checkpoint, step)
+        if config.lr_scheduler != "constant":
+            logger.info("the %s learning-rate schedule spans %d steps", config.lr_scheduler, config.max_train_steps)
+    if run.accelerator.is_main_process:
+        truncate_metrics(config.output_dir / METRICS_FILE, step)
+        retire_later_checkpoints(config.output_dir, step)
+    return step
+
+
+def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
+    rng = rng_state(run.generator, run.accelerator)  # a collective: every process takes part
+    if not run.accelerator.is_main_process:
+        return None
+    state = TrainingState(
+        step,
+        trainable_state(run.models),
+        run.optimizer.state_dict(),
+        run.lr_scheduler.state_dict(),
+        rng,
+        scaler_state(run.accelerator),
+    )
+    records = {RUN_RECORD: record} if record is not None else None
+    return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit, records)
+
+
+def _is_main_launch_process() -> bool:
+    # torchrun and accelerate launch set RANK; the lock is the main process's before accelerate is set up.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train(config: TrainConfig) -> TrainResult:
+    config.require_run_inputs()
+    lock = output_lock(config.output_dir, "--output-dir") if _is_main_launch_process() else contextlib.nullcontext()
+    with lock, stop_on_signals() as stop:
+        config = check_before_loading(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        start_from = plan_resume(config)
+        accelerator = setup_accelerator(config)
+        try:
+            return _train(config, accelerator, stop, start_from)
+        except BaseException as err:
+            # The failed frames' locals hold the DDP wrappers: let them go now, before the process group (see below).
+            traceback.clear_frames(err.__traceback__)
+            raise
+        finally:
+            release_distributed_state(accelerator)
+
+
+def rescue_weights(config: TrainConfig, models: Models, step: int, err: LoraDBError) -> LoraDBError:
+    """The disk is full: save the trained weights where there is room; say where they and the last checkpoint are."""
+    checkpoints = list_checkpoints(config.output_dir)
+    last = f"; the last checkpoint is {checkpoints[-1]}" if checkpoints else ""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="lora-db-rescue-"))
+        rescued = save_outputs(replace(config, output_dir=folder), models, step)
+    except (LoraDBError, OSError):
+        advice = (
+            "free some space and run the same command with --resume-from-checkpoint latest"
+            if checkpoints
+            else "the weights of this run could not be kept anywhere"
+        )
+        return DiskFullError(f"{err}{last}; {advice}")
+    return DiskFullError(
+        f"{err}; the weights trained so far (step {step}) were saved to {rescued} instead: move them into "
+        f"{config.output_dir} once there is room{last}"
+    )
+
+
+def stop_requested(stop: StopRequest, accelerator) -> bool:
+    """Whether any process received a stop signal (all of them must checkpoint together)."""
+    if accelerator.num_processes == 1:
+        return stop.is_set()
+    flag = torch.tensor(float(stop.is_set()), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def release_distributed_state(accelerator) -> None:
+    """Tear down DDP and the process group in the one order that cannot deadlock, on every way out of a run.
+
+    gloo's process group joins its worker threads when it is destroyed, and a worker may need the GIL at that
+    moment (to free the tensors of a finished collective). torch releases the GIL when the process group's own
+    Python object dies, but not when a DDP Reducer drops the last reference: that deadlocked two-process runs at
+    exit, intermittently. So the DDP wrappers go first, while the process group is still registered, and
+    `destroy_process_group` then drops its last reference. Clearing accelerate's process-wide state lets a
+    notebook or a test call train() again with other settings.
+    """
+    from accelerate.state import AcceleratorState
+
+    accelerator.free_memory()  # accelerate's own references to the DDP wrappers
+    gc.collect()  # DDP modules sit in reference cycles
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path | None) -> TrainResult:
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    run = setup_run(config, accelerator)
+    record = None
+    if accelerator.is_main_process:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(config.output_dir)
+        if config.overwrite:
+            _clear_previous_run(config.output_dir)
+        atomic_write_json(config.output_dir / "config.json", config.to_dict())
+        record = run_record(config, data_digest(config))
+    if config.eval_steps and accelerator.is_main_process:
+        run.evaluator = setup_training_eval(config, run.models, accelerator)  # before resume: the base's samples
+    start_step = resume(run, start_from)
+    try:
+        return _loop(run, stop, start_step, record)
+    except (DiskFullError, OSError) as err:
+        # Also what a library writes for us (a tracker's event file) fills the disk: the same message, the same rescue.
+        full = err if isinstance(err, DiskFullError) else _disk_full(err, config.output_dir)
+        if full is None:
+            raise
+        if not accelerator.is_main_process or run.output_path is not None:
+            raise full from err
+        raise rescue_weights(config, run.models, run.steps_done, full) from err
+
+
+def _disk_full(err: OSError, output_dir: Path) -> DiskFullError | None:
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return explain_os_error(err, err.filename or output_dir)
+
+
+def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> TrainResult:
+    config, accelerator = run.config, run.accelerator
+    device = accelerator.device
+    metrics_path = config.output_dir / METRICS_FILE
+    run.steps_done = start_step
+    if accelerator.log_with:
+        tracker = resolve_tracker(config.report_to)
+        init_kwargs = tracker_init_kwargs(tracker, config.output_dir) if accelerator.is_main_process else {}
+        tracked(
+            accelerator, accelerator.init_trackers, PROJECT, config=hyperparameters(config), init_kwargs=init_kwargs
+        )
+    trainable = count_parameters(*run.models.trained.values(), trainable_only=True)
+    logger.info(
+        "training %s of %s parameters (%s)",
+        f"{trainable:,}",
+        f"{count_parameters(run.models.unet, run.models.text_encoder):,}",
+        config.method,
+    )
+    from tqdm.auto import tqdm
+
+    progress = tqdm(
+        total=config.max_train_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    losses: list[float] = []
+    validation_dir = None
+    reset_peak_memory(device)
+    step = start_step
+    stop.armed = True
+    with progress:  # closed on any way out, so an error line starts a line of its own
+        while step < config.max_train_steps:
+            started = time.perf_counter()
+            try:
+                loss = optimizer_step(run, step).item()
+            except (RuntimeError, MemoryError) as err:
+                if not _is_out_of_memory(err):
+                    raise
+                raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
+            step += 1
+            run.steps_done = step
+            losses.append(loss)
+            stop.step_s = time.perf_counter() - started
+            metrics = {
+                "step": step,
+                "loss": loss,
+                "lr": run.lr_scheduler.get_last_lr()[0],
+                "peak_memory_bytes": peak_memory_bytes(device),
+                "step_time_s": stop.step_s,
+            }
+            if run.evaluator is not None and (step % config.eval_steps == 0 or step == config.max_train_steps):
+                with sampling_mode(config, run.models, accelerator):
+                    metrics.update(run.evaluator(step))
+            if accelerator.is_main_process:
+                append_line(metrics_path, json.dumps(metrics))
+            if accelerator.log_with:
+                tracked(accelerator, accelerator.log, metrics, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", peak=f"{metrics['peak_memory_bytes'] / 2**30:.2f}GiB")
+
+            stopping = stop_requested(stop, accelerator)
+            if stopping or (config.checkpointing_steps and step % config.checkpointing_steps == 0):
+                started = time.perf_counter()
+                saved = checkpoint(run, step, record)
+                stop.note_checkpoint(time.perf_counter() - started, saved)
+                if stopping:
+                    where = f"saved to {saved}" if saved is not None else "saved by the main process"
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.name or 'a signal to another process'} at step {step}; checkpoint {where} "
+                        f"in {stop.checkpoint_s:.1f} s; continue with the same command and "
+                        "--resume-from-checkpoint latest",
+                        stop.signum or 15,
+                        quiet=not accelerator.is_main_process,  # one message per run, from the process that saved
+                    )
+            is_last = step == config.max_train_steps
+            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+                if accelerator.is_main_process:
+                    validation_dir = run_validation(config, run.models, accelerator, step)
+                    release_idle_modules(config, run.models.pipe)
+                accelerator.wait_for_everyone()
+
+    adapter_path = None
+    divergence = replica_divergence(run) if accelerator.num_processes > 1 else 0.0
+    if divergence > 0:
+        logger.warning(
+            "the %d processes ended with different weights (max difference %.3g): the saved adapter is the main "
+            "process's",
+            accelerator.num_processes,
+            divergence,
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        adapter_path = run.output_path = save_outputs(config, run.models, step)
+        summary = {
+            "steps": step,
+            "final_loss": losses[-1] if losses else None,
+            "trainable_parameters": trainable,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "setup_memory_bytes": run.setup_memory_bytes,
+            "device": str(device),
+            "num_processes": accelerator.num_processes,
+            "replica_max_abs_difference": divergence,
+            "output": str(adapter_path),
+        }
+        atomic_write_json(config.output_dir / "summary.json", summary)
+        write_model_card(config, summary, adapter_path)
+    for tracker in accelerator.trackers:
+        tracker.finish()  # accelerator.end_training() would also destroy the process group while DDP holds it
+    if config.push_to_hub and accelerator.is_main_process:
+        push_run(config, step)
+    return TrainResult(config.output_dir, adapter_path, step, losses, validation_dir)

@@ -1,0 +1,364 @@
+"""Setting up a training run: every check that needs no weights, then accelerate, the model, class images, LoRA
+injection, the optimizer and the example sources, each in a function of its own that `lora-db estimate` reuses.
+
+`setup_run(config, accelerator)` returns the `Run` the loop in lora_db.training.loop reads top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_db.adapters.layers import check_rank, inject_lora
+from lora_db.adapters.spec import LoraSpec
+from lora_db.adapters.variants import load_init_adapter, lora_spec, loraplus_optimizer
+from lora_db.config.train import TEXT_ENCODER_TARGETS, TrainConfig
+from lora_db.errors import LoraDBError
+from lora_db.evaluation.metrics import TrainingEval
+from lora_db.images import find_images, load_image
+from lora_db.layout import ADAPTER_FILE, METRICS_FILE, list_checkpoints
+from lora_db.locks import output_lock
+from lora_db.models.loading import check_resolution, load_pipeline, load_unet_config, native_resolution
+from lora_db.models.memory import (
+    check_attention_backend,
+    check_mixed_precision,
+    check_optimizer,
+    current_memory_bytes,
+    enable_text_encoder_gradient_checkpointing,
+    enable_uvit_gradient_checkpointing,
+    make_optimizer,
+    set_attention_backend,
+    upcast_trainable,
+    weight_dtype,
+)
+from lora_db.models.quantize import check_quantization, quantize_pipeline
+from lora_db.training.class_images import describe as describe_class_images
+from lora_db.training.class_images import generate_class_images, plan_class_images
+from lora_db.training.data import ImageRecord, check_caption_lengths, scan_images
+from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
+from lora_db.training.hub import check_hub_access
+from lora_db.training.resume import ABANDONED_DIR
+from lora_db.training.tracking import resolve_tracker
+
+logger = logging.getLogger("lora_db")
+
+
+RUN_FILES = (ADAPTER_FILE, METRICS_FILE, "config.json", "summary.json", "unet", ABANDONED_DIR)
+
+
+FINAL_OUTPUTS = (ADAPTER_FILE, "unet", "summary.json")
+
+
+@dataclass
+class Models:
+    """What the loop needs: the pipeline, the trained modules and the frozen text path."""
+
+    pipe: object
+    unet: nn.Module
+    text_encoder: nn.Module
+    specs: dict[str, LoraSpec]
+    trained: dict[str, nn.Module]
+
+
+def check_before_loading(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """Every check that needs no weights; returns the config with the resolution filled in."""
+    config.require_run_inputs()
+    check_attention_backend(config.attention)
+    check_optimizer(config.optimizer)
+    check_mixed_precision(config.mixed_precision, device)
+    resolve_tracker(config.report_to)
+    if config.push_to_hub:
+        check_hub_access(config.push_to_hub)
+    check_quantization(config.quantize_base, device, weight_dtype(config.mixed_precision))
+    unet_config = load_unet_config(config.model)
+    resolution = config.resolution or native_resolution(unet_config)
+    check_resolution(resolution, unet_config, config.model)
+    check_output_dir(config)
+    return replace(config, resolution=resolution, alpha=config.lora_alpha)
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    output_dir = config.output_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LoraDBError(f"--output-dir {output_dir} is a file; choose a folder")
+    checkpoints = list_checkpoints(output_dir)
+    holds_run = output_dir.is_dir() and (any((output_dir / name).exists() for name in RUN_FILES) or checkpoints)
+    if holds_run and not (config.resume_from_checkpoint or config.overwrite):
+        finished = not checkpoints and any((output_dir / name).exists() for name in FINAL_OUTPUTS)
+        advice = (
+            "it has no checkpoint to continue from: start afresh with --overwrite, or choose another folder"
+            if finished
+            else "continue it with --resume-from-checkpoint latest, start afresh with --overwrite, or choose another "
+            "folder"
+        )
+        raise LoraDBError(f"--output-dir {output_dir} already holds a run; {advice}")
+
+
+def _clear_previous_run(output_dir: Path) -> None:
+    """--overwrite: remove only what an earlier lora-db run wrote, never other files."""
+    for path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def setup_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    kwargs_handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.method == "full")]
+    return Accelerator(
+        # Without cpu=True accelerate only forms a process group on accelerators; torchrun on CPUs needs gloo.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.mixed_precision,
+        log_with=resolve_tracker(config.report_to),
+        project_config=ProjectConfiguration(
+            project_dir=str(config.output_dir), logging_dir=str(config.output_dir / "logs")
+        ),
+        kwargs_handlers=kwargs_handlers,
+    )
+
+
+def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageRecord]:
+    """The class examples: the folder's images made for this prompt and model (or the user's own photos), and
+    generated ones for what is missing (main process)."""
+    plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+    if accelerator.is_main_process:
+        for line in describe_class_images(plan):
+            logger.info("%s", line)
+        if plan.missing:
+            from tqdm.auto import tqdm
+
+            # Runs sharing a class folder take turns: the manifest and the images are written by one at a time.
+            with output_lock(config.class_dir, "--class-dir", wait=True):
+                plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+                with tqdm(total=plan.missing, desc="class images", unit="img", disable=not plan.missing) as bar:
+                    generate_class_images(
+                        pipe,
+                        plan,
+                        seed=config.seed,
+                        num_inference_steps=config.class_generation_steps,
+                        batch_size=config.class_generation_batch_size,
+                        autocast=accelerator.autocast,
+                        on_batch=bar.update,
+                    )
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # the main process generated them: read the folder as it is now
+        plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
+    return scan_images(
+        config.class_dir,
+        config.class_prompt,
+        option="--class-dir",
+        resolution=config.resolution,
+        skip_bad_images=config.skip_bad_images,
+        paths=plan.paths(),
+    )
+
+
+def quantize_base(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> None:
+    """--quantize-base: the U-ViT (and a trained text encoder) quantized layer by layer onto the device."""
+    quantize_pipeline(pipe, config.quantize_base, dtype, device, text_encoder=config.train_text_encoder)
+
+
+def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> Models:
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    for module in (pipe.vae, text_encoder, pipe.image_encoder, pipe.text_decoder, unet):
+        module.requires_grad_(False)
+    pipe.to(device=device, dtype=dtype)
+    quantize_base(config, pipe, dtype, device)  # before LoRA: peft then picks its bitsandbytes LoRA layers
+    specs: dict[str, LoraSpec] = {}
+    trained: dict[str, nn.Module] = {"unet": unet}
+    if config.method == "lora":
+        specs["unet"] = lora_spec(config, tuple(config.target_modules))
+        check_rank(unet, specs["unet"], "U-ViT")
+        inject_lora(unet, specs["unet"])
+        if config.train_text_encoder:
+            specs["text_encoder"] = lora_spec(config, TEXT_ENCODER_TARGETS)
+            check_rank(text_encoder, specs["text_encoder"], "text encoder")
+            inject_lora(text_encoder, specs["text_encoder"])
+            trained["text_encoder"] = text_encoder
+        if config.init_adapter is not None:
+            load_init_adapter(config, specs, trained)
+    else:
+        unet.requires_grad_(True)
+    upcast_trainable(*trained.values())
+    set_attention_backend(unet, config.attention)
+    if config.gradient_checkpointing:
+        enable_uvit_gradient_checkpointing(unet)
+        if config.train_text_encoder:
+            enable_text_encoder_gradient_checkpointing(text_encoder)
+    for module in trained.values():
+        module.train()
+    return Models(pipe=pipe, unet=unet, text_encoder=text_encoder, specs=specs, trained=trained)
+
+
+def idle_modules(config: TrainConfig, pipe) -> list[nn.Module]:
+    """What the loop never calls: the caption decoder's GPT-2 (a step and t2i sampling use only its 768->64
+    prefix projection), the VAE and image encoder once latents are cached, and the text encoder when it is not
+    trained (every prompt is encoded once, before the loop)."""
+    decoder = pipe.text_decoder
+    idle = [decoder.transformer, decoder.decode_prefix]
+    if config.cache_latents:
+        idle += [pipe.vae, pipe.image_encoder]
+    if not config.train_text_encoder:
+        idle.append(pipe.text_encoder)
+    return idle
+
+
+def release_idle_modules(config: TrainConfig, pipe) -> None:
+    """Nothing idle on the device: what validation samples with goes to the CPU, everything else is dropped."""
+    sampling = {pipe.vae, pipe.image_encoder, pipe.text_encoder} if samples_during_training(config) else set()
+    for module in idle_modules(config, pipe):
+        module.to("cpu" if module in sampling else "meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def setup_optimizer(config: TrainConfig, models: Models):
+    from diffusers.optimization import get_scheduler
+
+    groups = []
+    for component, module in models.trained.items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        lr = config.text_encoder_learning_rate if component == "text_encoder" else None
+        groups.append({"params": params, "lr": lr or config.learning_rate})
+    if config.loraplus_lr_ratio is not None:
+        rates = {component: group["lr"] for component, group in zip(models.trained, groups, strict=True)}
+        optimizer = loraplus_optimizer(config, models.trained, rates)
+    else:
+        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
+    return optimizer, scheduler
+
+
+def samples_during_training(config: TrainConfig) -> bool:
+    return config.validation_prompt is not None or config.eval_steps > 0
+
+
+def setup_training_eval(config: TrainConfig, models: Models, accelerator):
+    """The --eval-steps scorer, built on the untrained model (its class samples are the base model's)."""
+
+    prompts = [config.instance_prompt] + ([config.validation_prompt] if config.validation_prompt else [])
+    photos = [load_image(path) for path in find_images(config.instance_dir, "--instance-dir")]
+    with sampling_mode(config, models, accelerator):
+        return TrainingEval(
+            models.pipe,
+            photos,
+            prompts,
+            config.class_prompt,
+            num_images=config.num_eval_images,
+            seed=config.seed,
+            num_inference_steps=config.validation_inference_steps,
+            guidance_scale=config.validation_guidance_scale,
+            autocast=accelerator.autocast,
+        )
+
+
+@contextlib.contextmanager
+def sampling_mode(config: TrainConfig, models: Models, accelerator):
+    """Encoders on the device and trained modules in eval mode while sampling; back to training afterwards."""
+    for module in models.trained.values():
+        module.eval()
+    for name in ("vae", "image_encoder", "text_encoder"):
+        getattr(models.pipe, name).to(accelerator.device)
+    try:
+        yield
+    finally:
+        for module in models.trained.values():
+            module.train()
+        release_idle_modules(config, models.pipe)
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built by `setup_run`."""
+
+    config: TrainConfig
+    accelerator: object
+    models: Models
+    sources: list[ExampleSource]
+    prompts: PromptEncoder
+    noise_scheduler: object
+    optimizer: object
+    lr_scheduler: object
+    wrapped: dict[str, nn.Module]  # what accelerate returned for each trained module: call these, not the originals
+    generator: torch.Generator
+    setup_memory_bytes: int = 0
+    steps_done: int = 0
+    output_path: Path | None = None  # the adapter (or U-ViT folder) once written
+    evaluator: object = None  # --eval-steps: an evaluate.TrainingEval on the main process
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.models.trained.values() for p in m.parameters() if p.requires_grad]
+
+
+def setup_run(config: TrainConfig, accelerator) -> Run:
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    device = accelerator.device
+    instance_records = scan_images(
+        config.instance_dir,
+        config.instance_prompt,
+        option="--instance-dir",
+        resolution=config.resolution,
+        skip_bad_images=config.skip_bad_images,
+    )
+    dtype = weight_dtype(config.mixed_precision)
+    set_seed(config.seed)
+    pipe = load_pipeline(config.model, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    quantize_base(config, pipe, dtype, device)  # before the rest moves: never the whole bf16 U-ViT on the device
+    pipe.to(device)
+    class_records = setup_class_images(config, pipe, accelerator) if config.with_prior_preservation else []
+    check_caption_lengths(
+        pipe.clip_tokenizer,
+        instance_records + class_records,
+        {"--validation-prompt": config.validation_prompt},
+        strict=config.strict,
+    )
+
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    models = setup_models(config, pipe, dtype, device)
+
+    sources = [example_source(config, instance_records, pipe, dtype, device)]
+    if class_records:
+        sources.append(example_source(config, class_records, pipe, dtype, device))
+    optimizer, lr_scheduler = setup_optimizer(config, models)
+    prepared = accelerator.prepare(*models.trained.values(), optimizer)
+    wrapped, optimizer = dict(zip(models.trained, prepared[:-1], strict=True)), prepared[-1]
+    prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder, text_encoder=wrapped.get("text_encoder"))
+    if not config.train_text_encoder:
+        prompts.precompute({r.prompt for r in instance_records + class_records})
+    release_idle_modules(config, pipe)
+    generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + accelerator.process_index)
+    return Run(
+        config=config,
+        accelerator=accelerator,
+        models=models,
+        sources=sources,
+        prompts=prompts,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        wrapped=wrapped,
+        generator=generator,
+        setup_memory_bytes=current_memory_bytes(device),
+    )
