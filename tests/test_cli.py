@@ -176,7 +176,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(insta
     assert list(out.glob("checkpoint-*")), "Ctrl-C must leave a checkpoint"
     assert not (out / "adapter.safetensors").exists()
 
-    run_cli(*train_args(instance_dir, out, *steps, "--resume-from-checkpoint", "latest"), check=0)
+    resumed = run_cli(*train_args(instance_dir, out, *steps, "--resume-from-checkpoint", "latest"), check=0)
+    # Resuming from scratch would reproduce the losses too: the run must say where it picked up.
+    assert re.search(r"resumed from \S*checkpoint-\d+ at step [1-9]", resumed.stderr), resumed.stderr[-2000:]
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     expected = [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert losses == expected

@@ -28,7 +28,7 @@ _SUPERSAMPLE = 4
 def make_demo_images(folder: str | Path, count: int = 5, size: int = 256, seed: int = 0) -> list[Path]:
     """Write `count` offline photos of one toy robot in varied poses and rooms: subject_00.png, ..."""
     rng = random.Random(seed)
-    toy = _draw_toy(size * _SUPERSAMPLE)
+    toy = draw_demo_toy(size * _SUPERSAMPLE)
     paths = []
     for number in range(count):
         image = _demo_scene(toy, size, rng)
@@ -96,7 +96,7 @@ def draw_robot(side: int, *, head: tuple, body: tuple, antenna: tuple, star: tup
     return robot
 
 
-def _draw_toy(side: int) -> Image.Image:
+def draw_demo_toy(side: int) -> Image.Image:
     """A teal-headed, red-bodied robot with a yellow star: distinctive enough to recognise across photos."""
     teal, red, yellow = (31, 163, 163, 255), (232, 67, 46, 255), (255, 212, 0, 255)
     return draw_robot(side, head=teal, body=red, antenna=yellow, star=yellow)
