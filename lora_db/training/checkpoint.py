@@ -22,8 +22,8 @@ import torch
 
 from lora_db.errors import LoraDBError
 from lora_db.io import atomic_directory
+from lora_db.layout import CHECKPOINT_MARKER as MARKER
 from lora_db.layout import list_checkpoints
-from lora_db.training.model_card import MARKER
 
 logger = logging.getLogger("lora_db")
 
