@@ -392,6 +392,21 @@ def test_eval_refuses_the_pipelines_own_image_encoder_as_judge(
         assert not (tmp_path / "eval").exists()
 
 
+def test_a_broken_judge_folder_is_one_clear_error(judged_world, tmp_path):
+    import shutil
+
+    from lora_db.errors import LoraDBError
+    from lora_db.evaluation.judge import load_judge, resolve_judge
+
+    model = tmp_path / "model"
+    shutil.copytree(judged_world, model, symlinks=True)
+    next((model / "judge").glob("*.safetensors")).unlink()  # a judge/ with its config but no weights
+    choice = resolve_judge(None, str(model))
+    assert choice.source == "model" and choice.path == str(model / "judge")
+    with pytest.raises(LoraDBError, match=r"the model's judge .*: cannot load it .*not a complete transformers model"):
+        load_judge(choice, pipe=None)  # refused before the pipeline is looked at
+
+
 def test_reference_rows_and_describe(instance_dir, tmp_path, monkeypatch, capsys):
     describe = "a photo of a red robot"
     args = _world_eval(instance_dir, tmp_path / "eval", "--model", "tiny", "--describe", describe)

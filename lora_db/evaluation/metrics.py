@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ class ClipPair:
 class DinoEmbedder:
     """CLS embeddings of a transformers ViT (the paper's DINO ViT-S/16, or a model's own judge), unit length.
 
-    `option` names where the model came from in an error ("--dino", or the model whose judge it is)."""
+    `option` names where the model came from in an error: "--dino", or "the model's judge"."""
 
     def __init__(self, name: str, option: str = "--dino"):
         from transformers import AutoImageProcessor, AutoModel
@@ -88,6 +89,8 @@ def _named_model(name: str) -> str:
 
 def _cannot_load(option: str, name: str, err: Exception) -> LoraDBError:
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if Path(name).expanduser().exists():
+        return LoraDBError(f"{option} {name}: cannot load it ({first}); it is not a complete transformers model folder")
     return LoraDBError(
         f"{option} {name}: cannot load it ({first}); offline, download it elsewhere "
         f"(`hf download {name} --local-dir DIR`) and pass {option} DIR"
