@@ -34,7 +34,7 @@ def fidelity(adapter: Path, quantize_base: str, photos: Path, num_images: int, s
     pipe = load_pipeline("tiny-world", [adapter], quantize_base=quantize_base)
     pipe.set_progress_bar_config(disable=True)
     real = [load_image(p) for p in find_images(photos)]
-    score = TrainingEval(pipe, real, [SUBJECT], None, num_images=num_images, seed=0, num_inference_steps=steps)
+    score = TrainingEval(pipe, real, SUBJECT, None, num_images=num_images, seed=0, num_inference_steps=steps)
     return score(0)["eval/clip_i"]
 
 

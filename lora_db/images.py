@@ -254,8 +254,10 @@ def image_grid(
     column_labels: Sequence[str] = (),
     *,
     min_cell_size: int = 0,
+    title: str = "",
 ) -> Image.Image:
-    """A labelled grid: one row per list of images, labels on the left and (wrapped to the cell width) on top.
+    """A labelled grid: one row per list of images, labels on the left and (wrapped to the cell width) on top,
+    and `title` (a prompt, say) wrapped across the top when given.
 
     Cells narrower than `min_cell_size` are enlarged by a whole factor with nearest-neighbour resampling, so a
     64-pixel sample keeps its exact pixels and still leaves room for a readable label.
@@ -287,7 +289,21 @@ def image_grid(
             if im is not None:
                 im = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
                 grid.paste(im, (label_w + c * cell_w, label_h + r * cell_h))
-    return grid
+    return _titled(grid, title, measure) if title else grid
+
+
+TITLE_FONT_SIZE = 15
+
+
+def _titled(image: Image.Image, title: str, measure) -> Image.Image:
+    """`image` below a band holding `title`, wrapped to the image's width."""
+    font = ImageFont.load_default(size=TITLE_FONT_SIZE)
+    lines = _wrap(title, image.width - 2 * LABEL_PAD, font, measure)
+    band = len(lines) * (TITLE_FONT_SIZE + 4) + 2 * LABEL_PAD
+    titled = Image.new("RGB", (image.width, band + image.height), "white")
+    ImageDraw.Draw(titled).multiline_text((LABEL_PAD, LABEL_PAD), "\n".join(lines), fill="black", font=font, spacing=4)
+    titled.paste(image, (0, band))
+    return titled
 
 
 def _wrap(text: str, width: float, font, measure) -> list[str]:

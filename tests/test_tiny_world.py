@@ -237,7 +237,7 @@ def _subject_fidelity(work, adapter, quantize_base: str) -> float:
     pipe = load_pipeline("tiny-world", [adapter] if adapter else [], quantize_base=quantize_base)
     pipe.set_progress_bar_config(disable=True)
     photos = [load_image(p) for p in find_images(work / "photos")]
-    score = TrainingEval(pipe, photos, [SUBJECT_PROMPT], None, num_images=4, seed=0, num_inference_steps=15)
+    score = TrainingEval(pipe, photos, SUBJECT_PROMPT, None, num_images=4, seed=0, num_inference_steps=15)
     return score(0)["eval/clip_i"]
 
 

@@ -1,7 +1,7 @@
 """`lora-db eval`: a thin typer command over lora_db.evaluation.
 
     lora-db eval --model tiny-world --adapter robot --instance-dir photos --prompt "a photo of sks robot" \
-        --class-prompt "a photo of a robot" --num-images 4 --out robot-eval
+        --prompt "a photo of a red car" --class-prompt "a photo of a robot" --num-images 4 --out robot-eval
 
 Options, defaults and help text come from EvalConfig (lora_db.config.evaluate) through the one option generator.
 """
@@ -21,11 +21,13 @@ app = typer.Typer()
 @app.command("eval", no_args_is_help=True)
 @with_config_options(EvalConfig)
 def eval_command(**values: Any) -> None:
-    """Score adapters (and the base) with DreamBooth's metrics: CLIP-I, DINO, CLIP-T, prior drift, diversity.
+    """Score adapters (and the base) against the subject's photos: CLIP-I, DINO (a judge), pixel, CLIP-T, prior
+    drift, diversity, beside the photos, the ceiling (photos through the VAE) and --describe.
 
-    A run folder as --adapter evaluates each checkpoint and its final adapter and plots the metrics against the
-    step. Example: lora-db eval --model tiny-world --adapter robot-run --instance-dir photos
-    --prompt "a photo of sks robot" --class-prompt "a photo of a robot" --out robot-eval
+    A run folder as --adapter evaluates each checkpoint and its final adapter, plots subject fidelity against the
+    step and names the best checkpoint. Example: lora-db eval --model tiny-world --adapter robot-run
+    --instance-dir photos --prompt "a photo of sks robot" --prompt "a photo of a red car"
+    --class-prompt "a photo of a robot" --describe "a photo of a red robot with a teal head" --out robot-eval
     """
     from lora_db.evaluation.evaluate import evaluate, table_lines
 

@@ -28,9 +28,19 @@ class EvalConfig:
         flag="adapter",
     )
     prompts: list[str] = option(
-        list, 'Prompt naming the subject, e.g. "a photo of sks robot"; repeatable.', flag="prompt", required=True
+        list,
+        'Prompt to sample, repeatable: one naming the subject ("a photo of sks robot") is a subject prompt, one '
+        'without the identifier ("a photo of a red car") a control prompt.',
+        flag="prompt",
+        required=True,
     )
     class_prompt: str | None = option(None, 'Class prompt, e.g. "a photo of a robot": measures prior drift.')
+    describe: list[str] = option(
+        list,
+        'A plain description of the subject, e.g. "a photo of a magenta star on yellow": the base model samples it '
+        "at the same seeds, scored against the photos like a row (the adapter must beat words). One for every "
+        "subject prompt, or repeated once per subject prompt, in their order.",
+    )
     num_images: int = option(4, "Samples per prompt and row; sample i uses seed + i (diversity needs 2).", minimum=2)
     seed: int = option(0, "Seed of the first sample: same seed, same numbers.", minimum=0, maximum=MAX_SEED)
     num_inference_steps: int = option(20, "Denoising steps per sample.", minimum=1)
@@ -38,8 +48,17 @@ class EvalConfig:
     clip_model: str | None = option(
         None, "A transformers CLIP model (folder or hub id) for CLIP-T; `tiny-world` names tiny-world's own."
     )
-    dino: str | None = option(None, "A transformers ViT for the DINO metric, e.g. facebook/dino-vits16.")
-    identifier: str | None = option(None, 'The rare token of the prompts ("sks"), replaced by "a" for CLIP-T.')
+    dino: str | None = option(
+        None,
+        "The judge of the DINO column: a transformers ViT (folder or hub id), e.g. facebook/dino-vits16; `tiny-world` "
+        "names tiny-world's judge. Defaults to the model folder's own judge/ if it has one; never the pipeline's image "
+        "encoder.",
+    )
+    identifier: str | None = option(
+        None,
+        'The rare token of the prompts ("sks"): prompts with it are subject prompts, the others control prompts; '
+        'replaced by "a" for CLIP-T. Defaults to the word the adapters\' instance prompt adds to their class prompt.',
+    )
     quantize_base: Quantization = option(
         "none",
         "Evaluate on a 4-bit NF4 or 8-bit base (bitsandbytes), as `lora-db train --quantize-base` trains: every "
@@ -54,6 +73,8 @@ class EvalConfig:
             raise LoraDBError("--instance-dir is required: CLIP-I compares samples with the real photos")
         if not self.prompts:
             raise LoraDBError('--prompt is required, e.g. --prompt "a photo of sks robot"')
+        if any(not text.strip() for text in self.describe):
+            raise LoraDBError('--describe must not be empty, e.g. --describe "a photo of a magenta star on yellow"')
         self.out, self.instance_dir = Path(self.out), Path(self.instance_dir)
         for name in ("num_images", "num_inference_steps"):
             if getattr(self, name) < 1:

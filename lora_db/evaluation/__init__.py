@@ -1,8 +1,10 @@
 """`lora-db eval`: samples of each adapter and checkpoint scored against the subject's photos.
 
-- evaluate.py: `evaluate(config)`, the rows, grids, eval.json and table
-- metrics.py: embedders, similarity measures, `TrainingEval` (`lora-db train --eval-steps`)
-- plot.py: each metric against the training step
+- evaluate.py: `evaluate(config)`, the rows, subject and control prompts, grids, eval.json and table
+- metrics.py: embedders, similarity measures (CLIP-I, DINO, pixel, CLIP-T), `TrainingEval` (`train --eval-steps`)
+- judge.py: which encoder scores the DINO column (a model's `judge/`), never the pipeline's own image encoder
+- standing.py: the reference rows (photos, ceiling through the VAE, --describe) and the best checkpoint
+- plot.py: subject fidelity per subject prompt against the training step
 """
 
 from lora_db.evaluation.evaluate import evaluate

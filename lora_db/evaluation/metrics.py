@@ -1,22 +1,26 @@
 """The numbers `lora-db eval` and `lora-db train --eval-steps` report: embedders and similarity measures.
 
-Subject fidelity is the mean cosine similarity between embeddings of generated samples and of the real photos;
-prompt fidelity (CLIP-T) compares a prompt with each sample through a matched CLIP pair; prior similarity compares a
-row's class-prompt samples with the base model's at the same seeds; diversity is the mean pairwise distance within
-one row's samples. `TrainingEval` scores the model being trained on a few seeds."""
+Subject fidelity compares generated samples with the real photos three ways: CLIP-I (the pipeline's own CLIP image
+encoder), DINO (a separate ViT: the judge) and pixel (no model at all); prompt fidelity (CLIP-T) compares a prompt
+with each sample through a matched CLIP pair; prior similarity compares a row's class-prompt samples with the base
+model's at the same seeds; diversity is the mean pairwise distance within one row's samples. A prompt is a subject
+prompt when it names the subject's identifier, a control prompt otherwise. `TrainingEval` scores the model being
+trained on a few seeds."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from lora_db.errors import LoraDBError
-from lora_db.images import prepare_image
+from lora_db.images import prepare_image, to_tensor
 from lora_db.models.loading import tiny_world_dir
 from lora_db.models.sampling import generate_images
 
@@ -58,16 +62,18 @@ class ClipPair:
 
 
 class DinoEmbedder:
-    """CLS embeddings of a transformers ViT (the paper's DINO ViT-S/16), unit length."""
+    """CLS embeddings of a transformers ViT (the paper's DINO ViT-S/16, or a model's own judge), unit length.
 
-    def __init__(self, name: str):
+    `option` names where the model came from in an error: "--dino", or "the model's judge"."""
+
+    def __init__(self, name: str, option: str = "--dino"):
         from transformers import AutoImageProcessor, AutoModel
 
         try:
             self.model = AutoModel.from_pretrained(name, use_safetensors=True).eval()
             self.processor = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError) as err:
-            raise _cannot_load("--dino", name, err) from None
+            raise _cannot_load(option, name, err) from None
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -83,6 +89,8 @@ def _named_model(name: str) -> str:
 
 def _cannot_load(option: str, name: str, err: Exception) -> LoraDBError:
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if Path(name).expanduser().exists():
+        return LoraDBError(f"{option} {name}: cannot load it ({first}); it is not a complete transformers model folder")
     return LoraDBError(
         f"{option} {name}: cannot load it ({first}); offline, download it elsewhere "
         f"(`hf download {name} --local-dir DIR`) and pass {option} DIR"
@@ -109,41 +117,132 @@ def paired_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a * b).sum(-1).mean().item()
 
 
-def clip_t_text(prompt: str, identifier: str | None) -> str:
-    if not identifier:
-        return prompt
-    return re.sub(rf"\b{re.escape(identifier)}\b", "a", prompt)
+# -- the model-free column ------------------------------------------------------------------------------------------
+
+
+PIXEL_SIZE = 16  # the side both images are box-downsampled to: layout and colour count, texture and noise do not
+
+
+def pixel_thumbnails(images: Sequence[Image.Image]) -> torch.Tensor:
+    """(N, 3 * 16 * 16): each image as RGB in [-1, 1], box-downsampled (each pixel the mean of its block)."""
+    return torch.stack([F.adaptive_avg_pool2d(to_tensor(image), PIXEL_SIZE) for image in images]).flatten(1)
+
+
+def pixel_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(len(a), len(b)) matrix of 1 - RMS difference / 2 between thumbnails: 1 identical, 0 black against white."""
+    rms = torch.cdist(a.double(), b.double()) / math.sqrt(a.shape[1])
+    return (1.0 - rms / 2.0).float()
+
+
+def nearest_pixel_similarity(
+    samples: torch.Tensor, photos: torch.Tensor, left_out: torch.Tensor | None = None
+) -> float:
+    """Mean over samples of the pixel similarity to the NEAREST photo, skipping the pairs marked in `left_out`.
+
+    Nearest, not the mean over photos: the subject moves between photos (left, right, near, far), so a sample
+    that is exactly one of the photos would otherwise score low for not also being every other one."""
+    similarity = pixel_similarity(samples, photos)
+    if left_out is not None:
+        similarity = similarity.masked_fill(left_out, -math.inf)
+    return similarity.max(dim=1).values.mean().item()
+
+
+# -- prompts --------------------------------------------------------------------------------------------------------
+
+
+def _mentions(prompt: str, word: str) -> bool:
+    return re.search(rf"\b{re.escape(word)}\b", prompt, flags=re.IGNORECASE) is not None
+
+
+def clip_t_text(prompt: str, identifiers: Sequence[str]) -> str:
+    """The prompt CLIP-T reads: each identifier ("sks") replaced by "a", since no CLIP knows it."""
+    for word in identifiers:
+        prompt = re.sub(rf"\b{re.escape(word)}\b", "a", prompt, flags=re.IGNORECASE)
+    return prompt
+
+
+def identifier_of(instance_prompt: str, class_prompt: str) -> str | None:
+    """The one word of the instance prompt that the class prompt lacks: "sks" for "a photo of sks robot" against
+    "a photo of a robot"; None when there is not exactly one (or either prompt is empty)."""
+    if not instance_prompt.strip() or not class_prompt.strip():
+        return None
+    class_words = {word.lower() for word in re.findall(r"\w+", class_prompt)}
+    missing = list(dict.fromkeys(w for w in re.findall(r"\w+", instance_prompt) if w.lower() not in class_words))
+    return missing[0] if len(missing) == 1 else None
+
+
+def is_subject_prompt(prompt: str, identifiers: Sequence[str]) -> bool:
+    """A prompt that names the subject (contains an identifier); with no identifier known, every prompt does."""
+    return not identifiers or any(_mentions(prompt, word) for word in identifiers)
+
+
+# -- scoring against the photos -------------------------------------------------------------------------------------
 
 
 @dataclass
-class Reference:
-    """Embeddings of the real photos, and the real-vs-real figures a user compares the rows with."""
+class Features:
+    """What the subject metrics compare, for one set of images: CLIP, judge (DINO) embeddings and thumbnails."""
 
     clip: torch.Tensor
-    dino: torch.Tensor | None = None
-
-    def summary(self) -> dict[str, float | None]:
-        return {
-            "clip_i": _self_similarity(self.clip),
-            "dino": _self_similarity(self.dino) if self.dino is not None else None,
-            "images": self.clip.shape[0],
-        }
+    dino: torch.Tensor | None
+    pixel: torch.Tensor
 
 
-def _self_similarity(a: torch.Tensor) -> float:
-    return 1.0 - mean_pairwise_distance(a)
+SUBJECT_METRICS = ("clip_i", "dino", "pixel")
+
+
+class SubjectScorer:
+    """Scores images against the subject's photos: CLIP-I, DINO (the judge, when there is one), pixel, diversity."""
+
+    def __init__(self, photos: Sequence[Image.Image], embed: ImageEmbedder, judge: DinoEmbedder | None = None):
+        self.embed, self.judge = embed, judge
+        self.photos = self.features(photos)
+
+    def features(self, images: Sequence[Image.Image]) -> Features:
+        images = list(images)
+        return Features(self.embed(images), self.judge(images) if self.judge else None, pixel_thumbnails(images))
+
+    def score(self, images: Sequence[Image.Image]) -> dict[str, float | None]:
+        """Samples against every photo (pixel: against the nearest photo)."""
+        return compare(self.features(images), self.photos)
+
+    def score_leave_one_out(self, images: Sequence[Image.Image]) -> dict[str, float | None]:
+        """Image i (made from photo i) against the photos j != i; None for every metric with a single photo."""
+        return compare(self.features(images), self.photos, leave_one_out=True)
+
+    def photos_among_themselves(self) -> dict[str, float | None]:
+        return compare(self.photos, self.photos, leave_one_out=True)
+
+
+def compare(items: Features, photos: Features, leave_one_out: bool = False) -> dict[str, float | None]:
+    """Mean cosine similarity (CLIP-I, DINO) and nearest-photo pixel similarity of items against photos, and the
+    items' own diversity. `leave_one_out` pairs item i with photo i and leaves that pair out."""
+    n, m = items.pixel.shape[0], photos.pixel.shape[0]
+    keep = ~torch.eye(n, m, dtype=torch.bool) if leave_one_out else torch.ones(n, m, dtype=torch.bool)
+    if not keep.any(dim=1).all():
+        return {name: None for name in (*SUBJECT_METRICS, "diversity")}
+
+    def mean(similarity: torch.Tensor) -> float:
+        return similarity[keep].mean().item()
+
+    return {
+        "clip_i": mean(items.clip @ photos.clip.T),
+        "dino": mean(items.dino @ photos.dino.T) if items.dino is not None else None,
+        "pixel": nearest_pixel_similarity(items.pixel, photos.pixel, ~keep),
+        "diversity": mean_pairwise_distance(items.clip),
+    }
 
 
 def score_prompt(
-    images: Sequence[Image.Image], prompt: str, reference: Reference, embed, dino=None, clip_pair=None, identifier=None
+    images: Sequence[Image.Image],
+    prompt: str,
+    scorer: SubjectScorer,
+    clip_pair: ClipPair | None,
+    identifiers: Sequence[str],
 ) -> dict[str, float | None]:
-    embeddings = embed(images)
-    return {
-        "clip_i": mean_cross_similarity(embeddings, reference.clip),
-        "dino": mean_cross_similarity(dino(images), reference.dino) if dino is not None else None,
-        "clip_t": _mean(clip_pair.similarity(clip_t_text(prompt, identifier), images)) if clip_pair else None,
-        "diversity": mean_pairwise_distance(embeddings),
-    }
+    """One row's samples of one prompt: the subject metrics against the photos, and CLIP-T against the prompt."""
+    clip_t = _mean(clip_pair.similarity(clip_t_text(prompt, identifiers), images)) if clip_pair else None
+    return scorer.score(images) | {"clip_t": clip_t}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -158,15 +257,29 @@ def _square(photos: Sequence[Image.Image], size: int) -> list[Image.Image]:
 class TrainingEval:
     """`lora-db train --eval-steps K`: the same metrics on a few seeds, on the model being trained.
 
-    Built before the first step (and before a resume restores weights), so its class-prompt samples are the
-    base model's: prior similarity then compares each later step with the untrained model at the same seeds.
+    The instance prompt is the subject prompt: its scores are the headline keys (`eval/clip_i`, `eval/dino` with the
+    model's judge, `eval/pixel`, `eval/diversity`); the validation prompt, if any, reports under `eval/validation/`,
+    never averaged into them. Built before the first step (and before a resume restores weights), so its
+    class-prompt samples are the base model's: prior similarity then compares each later step with the untrained
+    model at the same seeds.
     """
 
-    def __init__(self, pipe, photos: Sequence[Image.Image], prompts: Sequence[str], class_prompt: str | None, **gen):
-        self.pipe, self.prompts, self.class_prompt, self.gen = pipe, list(prompts), class_prompt, gen
+    def __init__(
+        self,
+        pipe,
+        photos: Sequence[Image.Image],
+        instance_prompt: str,
+        class_prompt: str | None,
+        *,
+        validation_prompt: str | None = None,
+        judge: DinoEmbedder | None = None,
+        **gen,
+    ):
+        self.pipe, self.class_prompt, self.gen = pipe, class_prompt, gen
+        self.prompts = {"eval": instance_prompt} | ({"eval/validation": validation_prompt} if validation_prompt else {})
         self.embed = ImageEmbedder(pipe)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.reference = Reference(self.embed(_square(photos, size)))
+        self.scorer = SubjectScorer(_square(photos, size), self.embed, judge)
         self.base_class = self._embed_samples(class_prompt) if class_prompt else None
 
     def _embed_samples(self, prompt: str) -> torch.Tensor:
@@ -175,12 +288,9 @@ class TrainingEval:
 
     def __call__(self, step: int) -> dict[str, float]:
         record: dict[str, float] = {"step": step}
-        scores = []
-        for prompt in self.prompts:
-            embeddings = self._embed_samples(prompt)
-            scores.append((mean_cross_similarity(embeddings, self.reference.clip), mean_pairwise_distance(embeddings)))
-        record["eval/clip_i"] = _mean([clip_i for clip_i, _ in scores])
-        record["eval/diversity"] = _mean([diversity for _, diversity in scores])
+        for prefix, prompt in self.prompts.items():
+            scores = self.scorer.score(generate_images(self.pipe, prompt, **self.gen))
+            record |= {f"{prefix}/{name}": value for name, value in scores.items() if value is not None}
         if self.base_class is not None:
             class_embeds = self._embed_samples(self.class_prompt)
             record["eval/prior_similarity"] = paired_similarity(class_embeds, self.base_class)

@@ -20,6 +20,7 @@ from lora_db.adapters.spec import LoraSpec
 from lora_db.adapters.variants import load_init_adapter, lora_spec, loraplus_optimizer
 from lora_db.config.train import TEXT_ENCODER_TARGETS, TrainConfig
 from lora_db.errors import LoraDBError
+from lora_db.evaluation.judge import load_model_judge
 from lora_db.evaluation.metrics import TrainingEval
 from lora_db.images import find_images, load_image
 from lora_db.layout import ADAPTER_FILE, METRICS_FILE, list_checkpoints
@@ -252,16 +253,18 @@ def samples_during_training(config: TrainConfig) -> bool:
 
 
 def setup_training_eval(config: TrainConfig, models: Models, accelerator):
-    """The --eval-steps scorer, built on the untrained model (its class samples are the base model's)."""
+    """The --eval-steps scorer, built on the untrained model (its class samples are the base model's), with the
+    model's judge when its folder ships one."""
 
-    prompts = [config.instance_prompt] + ([config.validation_prompt] if config.validation_prompt else [])
     photos = [load_image(path) for path in find_images(config.instance_dir, "--instance-dir")]
     with sampling_mode(config, models, accelerator):
         return TrainingEval(
             models.pipe,
             photos,
-            prompts,
+            config.instance_prompt,
             config.class_prompt,
+            validation_prompt=config.validation_prompt,
+            judge=load_model_judge(config.model, models.pipe),
             num_images=config.num_eval_images,
             seed=config.seed,
             num_inference_steps=config.validation_inference_steps,
