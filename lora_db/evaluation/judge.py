@@ -2,9 +2,9 @@
 
 UniDiffuser's image latent contains its own CLIP image embedding, so a U-ViT trained on a subject learns to emit that
 subject's embedding: CLIP-I with the pipeline's encoder is partly circular. A judge is an encoder training never
-sees. A model folder may ship one as `judge/` (a transformers ViT folder, like tiny-world's, trained
-self-supervised); `lora-db eval` uses it for the DINO column unless `--dino` names another (`--dino tiny-world`
-names tiny-world's explicitly; real models use `--dino facebook/dino-vits16`).
+sees. A model folder may ship one as `judge/` (tiny-world's is lora-db's small conv net trained self-supervised,
+lora_db.synthetic.judge; any transformers ViT folder works too); `lora-db eval` uses it for the DINO column unless
+`--dino` names another (`--dino tiny-world` names tiny-world's; real models use `--dino facebook/dino-vits16`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from torch import nn
 from lora_db.errors import LoraDBError
 from lora_db.evaluation.metrics import DinoEmbedder
 from lora_db.models.loading import TINY_WORLD, local_model, random_preset, tiny_world_dir
-
-JUDGE_FOLDER = "judge"
+from lora_db.synthetic.judge import JUDGE_FOLDER, JudgeEmbedder, is_judge_folder
 
 
 @dataclass(frozen=True)
@@ -62,15 +61,20 @@ def resolve_judge(dino: str | None, model: str) -> JudgeChoice | None:
     return JudgeChoice(f"{owner} judge", str(judge), "model")
 
 
-def load_judge(choice: JudgeChoice, pipe) -> DinoEmbedder:
-    """The judge's embedder, refused when its weights are the pipeline's own image encoder's."""
-    judge = DinoEmbedder(choice.path, "--dino" if choice.source == "--dino" else "the model's judge")
+def load_judge(choice: JudgeChoice, pipe) -> DinoEmbedder | JudgeEmbedder:
+    """The judge's embedder, refused when its weights are the pipeline's own image encoder's.
+
+    lora-db's own judge (tiny-world's: a small conv net trained with SimCLR) or any transformers ViT folder."""
+    if is_judge_folder(Path(choice.path)):
+        judge = JudgeEmbedder(Path(choice.path))
+    else:
+        judge = DinoEmbedder(choice.path, "--dino" if choice.source == "--dino" else "the model's judge")
     if shares_weights(judge.model, pipe.image_encoder):
         raise _not_a_judge(choice.path, "its weights are the pipeline's own image encoder's")
     return judge
 
 
-def load_model_judge(model: str, pipe) -> DinoEmbedder | None:
+def load_model_judge(model: str, pipe) -> DinoEmbedder | JudgeEmbedder | None:
     """The judge the model folder ships (`lora-db train --eval-steps` scores with it), or None."""
     choice = resolve_judge(None, model)
     return load_judge(choice, pipe) if choice else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,6 +229,7 @@ def separation(similarity: torch.Tensor, owners: list[str]) -> dict:
 
 # -- shipping it beside tiny-world, and loading it for `lora-db eval` -----------------------------------------------
 
+JUDGE_FOLDER = "judge"  # where a model folder keeps its judge
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 KIND = "lora-db-judge"
@@ -264,11 +265,11 @@ def load_judge(folder: Path) -> Judge:
 
 
 class JudgeEmbedder:
-    """Unit-length judge embeddings of PIL images (any size: resized to the judge's 64 px)."""
+    """Unit-length judge embeddings of PIL images (any size: box-resized to the judge's 64 px)."""
 
     def __init__(self, folder: Path):
-        self.judge = load_judge(folder)
-        self.size = self.judge.image_size
+        self.model = load_judge(folder)
+        self.size = self.model.image_size
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -278,4 +279,27 @@ class JudgeEmbedder:
                 for image in images
             ]
         )
-        return self.judge(pixels)
+        return self.model(pixels)
+
+
+def build_judge(folder: Path, config: JudgeConfig | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train the judge, check it on the DreamBooth subject set (which it never saw), and save it to `folder`.
+
+    The report holds how well it tells the subjects apart (`separation`) beside the model-free 16 px score."""
+    from lora_db.synthetic.subjects import SUBJECTS, subject_tensor
+
+    config = config or JudgeConfig()
+    started = time.perf_counter()
+    judge = train_judge(config, log=log)
+    pixels, owners = subject_tensor()
+    held = [i for i, owner in enumerate(owners) if not SUBJECTS[owner].probe]
+    held_owners = [owners[i] for i in held]
+    report = {
+        "train_s": round(time.perf_counter() - started, 1),
+        "parameters": sum(p.numel() for p in judge.parameters()),
+        "judge_held_out": separation(judge_similarity(judge, pixels[held], pixels[held]), held_owners),
+        "judge_all": separation(judge_similarity(judge, pixels, pixels), owners),
+        "pixel_held_out": separation(pixel_similarity(pixels[held], pixels[held]), held_owners),
+    }
+    save_judge(judge, config, Path(folder), report)
+    return report

@@ -24,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from lora_db.images import to_tensor
 from lora_db.synthetic.demo import draw_demo_toy
 
 SUPERSAMPLE = 4
@@ -478,6 +480,16 @@ def subject_photos(name: str, size: int = 64, count: int = PHOTOS, seed: int = 0
     rng = random.Random(seed * 7919 + index)
     toy = draw_subject(subject, 512)  # drawn once, then scaled to each photo's size
     return [_photo(subject, toy, size, rng) for _ in range(count)]
+
+
+def subject_tensor(names: list[str] | None = None, size: int = 64) -> tuple[torch.Tensor, list[str]]:
+    """Every photo of the named subjects (default: all) as (N, 3, size, size) in [-1, 1], and whose each one is."""
+    pixels, owners = [], []
+    for name in names or list(SUBJECTS):
+        for photo in subject_photos(name, size):
+            pixels.append(to_tensor(photo))
+            owners.append(name)
+    return torch.stack(pixels), owners
 
 
 def held_out_names() -> list[str]:

@@ -10,13 +10,16 @@ houses and balls in six colours and four settings, captioned "a photo of a red r
    contrastively; its towers become the pipeline's text and image encoders, and the whole CLIP model is also
    saved as `clip/` so `lora-db eval --clip-model` can score prompt fidelity (CLIP-T);
 4. the U-ViT (with the caption decoder's `encode` projection) learns UniDiffuser's text-to-image objective
-   through lora-db's own `dreambooth_loss`, with 10% unconditional examples so guidance works.
+   through lora-db's own `dreambooth_loss`, with 10% unconditional examples so guidance works;
+5. a judge for `lora-db eval` (lora_db.synthetic.judge): an image encoder trained without text, self-supervised on
+   procedural pictures, that no part of the model ever sees, saved as `judge/`.
 
 The DreamBooth subject is the toy robot of `lora_db.synthetic.demo.make_demo_images` (teal head, red body, yellow star):
 the world's robots are one colour and starless, so the model never saw it.
 
     python -m lora_db.synthetic.tiny_world build lora_db/assets/tiny-world  # the shipped weights, bit for bit
     python -m lora_db.synthetic.tiny_world preview --out grid.png              # prompt per column, seed per row
+    python -m lora_db.synthetic.tiny_world judge lora_db/assets/tiny-world    # (re)train only the judge
 
 The result is a plain diffusers UniDiffuser folder; `--model tiny-world` names the copy shipped in the package.
 """
@@ -48,6 +51,7 @@ from lora_db.models.random import (
     uvit,
 )
 from lora_db.models.sampling import generate_images
+from lora_db.synthetic.judge import JUDGE_FOLDER, build_judge
 from lora_db.synthetic.world import CLASSES, COLOURS, IMAGE_SIZE, SETTINGS, make_world
 
 logger = logging.getLogger("lora_db")
@@ -432,8 +436,27 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
         clip.save_pretrained(tmp / "clip", safe_serialization=True)
         parts["clip_tokenizer"].save_pretrained(tmp / "clip")
         parts["clip_image_processor"].save_pretrained(tmp / "clip")
+        report["judge"] = _with_threads(config.threads, build_judge, tmp / JUDGE_FOLDER, log=logger.info)
         atomic_write_json(tmp / "build.json", report)
     return report
+
+
+def add_judge(folder: str | Path) -> dict:
+    """Train the judge alone into an existing tiny-world folder (replacing `judge/`), written atomically."""
+    folder = Path(folder)
+    with atomic_directory(folder / JUDGE_FOLDER, replace=True) as tmp:
+        report = _with_threads(BuildConfig.threads, build_judge, tmp, log=logger.info)
+    return report
+
+
+def _with_threads(threads: int, fn, *args, **kwargs):
+    """Results depend on the thread count (summation order): every trained part runs with the build's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- using it -------------------------------------------------------------------------------------------------------
@@ -467,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     build_parser.add_argument("out", type=Path)
     for name in ("vae_steps", "clip_steps", "uvit_steps", "world_size", "threads", "seed"):
         build_parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildConfig, name))
+    judge_parser = commands.add_parser("judge", help="train only the judge into an existing tiny-world DIR")
+    judge_parser.add_argument("out", type=Path)
     preview_parser = commands.add_parser("preview", help="grid of samples: prompt per column, seed per row")
     preview_parser.add_argument("--out", type=Path, required=True)
     preview_parser.add_argument("--model", default=TINY_WORLD)
@@ -479,6 +504,9 @@ def main(argv: list[str] | None = None) -> None:
         report = build(args.out, BuildConfig(**values))
         print(json.dumps({k: report[k] for k in ("scaling_factor", "final_losses")}, indent=1))
         print(f"built {args.out} in {report['config']['timings_s']['total']:.0f} s")
+    elif args.command == "judge":
+        report = add_judge(args.out)
+        print(json.dumps({k: report[k] for k in ("train_s", "judge_held_out", "pixel_held_out")}, indent=1))
     else:
         print(f"wrote {preview(args.out, args.model)}")
 
