@@ -75,7 +75,7 @@ def train_command(instance_dir, output_dir, prompt: str = PROMPT, model: str = "
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, list[str]]:
     """`lora-db ARGS` in this process through `main()`: exit code, stdout, non-empty stderr lines."""
-    from lora_db.cli.app import main
+    from lora_db.cli.application import main
 
     monkeypatch.setattr(sys, "argv", ["lora-db", *map(str, args)])
     monkeypatch.delenv("LORA_DB_DEBUG", raising=False)

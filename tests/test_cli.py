@@ -87,7 +87,7 @@ def test_config_file_and_command_line(instance_dir, tmp_path):
 def test_bad_input_gets_one_clear_line_and_exit_code_1(
     instance_dir, tmp_path, make_input, extra, fragment, monkeypatch, capsys
 ):
-    from lora_db.cli.app import main
+    from lora_db.cli.application import main
 
     folder = make_input(tmp_path) or instance_dir
     args = train_args(folder, tmp_path / "out", "--max-train-steps", "1", *extra)

@@ -109,6 +109,21 @@ def test_every_package_says_what_it_holds_and_exports_what_it_names():
             assert getattr(module, name) is not None
 
 
+def test_no_package_name_hides_one_of_its_modules():
+    """`from lora_db.adapters import sample` must be the module: a function of that name in __init__ would hide it
+    (and break `monkeypatch.setattr(lora_db.adapters.sample, ...)`)."""
+    import importlib
+    import pkgutil
+
+    for init in PACKAGE.glob("*/__init__.py"):
+        package = importlib.import_module(f"lora_db.{init.parent.name}")
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name == "__main__":
+                continue
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            assert getattr(package, info.name) is module, f"{package.__name__}.{info.name} is not the module"
+
+
 def test_the_python_api_runs_a_whole_workflow_on_the_tiny_model(tmp_path, one_thread):
     """README's notebook example: photos, train, sample, merge, evaluate and estimate from `import lora_db`."""
     from diffusers import UniDiffuserPipeline

@@ -25,7 +25,7 @@ from lora_db.errors import LoraDBError
 
 def cli(args, monkeypatch, capsys) -> tuple[int, str]:
     """Run `lora-db ARGS` in this process; (exit code, the one `error:` line, or all of stderr if none)."""
-    from lora_db.cli.app import main
+    from lora_db.cli.application import main
 
     monkeypatch.setattr(sys, "argv", ["lora-db", *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:

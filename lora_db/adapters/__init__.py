@@ -8,13 +8,14 @@
 - hotswap.py: `AdapterSet` and `load_pipeline` (a pipeline with adapters switched in place)
 - sample.py: `sample` (`lora-db sample`)
 - peft.py: peft folders, written and read
+
+`merge` and `sample` are the names of their modules here; the functions are `lora_db.merge` and `lora_db.sample`.
 """
 
 from lora_db.adapters.format import describe_adapter, export_peft, read_adapter, save_adapter
 from lora_db.adapters.hotswap import AdapterSet, load_pipeline
 from lora_db.adapters.layers import inject_lora, lora_state_dict
-from lora_db.adapters.merge import merge, write_combined
-from lora_db.adapters.sample import sample
+from lora_db.adapters.merge import write_combined
 from lora_db.adapters.spec import AdapterFile, LoraSpec
 
 __all__ = [
@@ -26,9 +27,7 @@ __all__ = [
     "inject_lora",
     "load_pipeline",
     "lora_state_dict",
-    "merge",
     "read_adapter",
-    "sample",
     "save_adapter",
     "write_combined",
 ]

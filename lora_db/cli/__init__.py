@@ -1,6 +1,6 @@
 """The `lora-db` command line: the outer layer, thin typer commands that build a config and call one library function.
 
-- app.py: the typer application, `main()` (the console script), one-line errors, `--debug` / `--quiet`
+- application.py: the typer application, `main()` (the console script), one-line errors, `--debug` / `--quiet`
 - options.py: the one option generator (config dataclass fields -> typer options) and `--config` files
 - aliases.py: diffusers' and kohya's flag names accepted by `train` and `estimate`
 - train.py: `train`, `estimate`, `demo-images`; adapters.py: `sample`, `merge`, `info`, `export`;
@@ -10,6 +10,6 @@ Nothing below this package imports typer. Each command imports the library insid
 `--help` and usage errors answer without importing torch.
 """
 
-from lora_db.cli.app import app, main
+from lora_db.cli.application import app, main
 
 __all__ = ["app", "main"]

@@ -5,9 +5,10 @@
 - judge.py: which encoder scores the DINO column (a model's `judge/`), never the pipeline's own image encoder
 - standing.py: the reference rows (photos, ceiling through the VAE, --describe) and the best checkpoint
 - plot.py: subject fidelity per subject prompt against the training step
+
+`evaluate` names its module here; the function is `lora_db.evaluate`.
 """
 
-from lora_db.evaluation.evaluate import evaluate
 from lora_db.evaluation.metrics import TrainingEval
 
-__all__ = ["TrainingEval", "evaluate"]
+__all__ = ["TrainingEval"]
