@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from lora_db.synthetic import procedural
+from lora_db.synthetic.subjects import SUBJECTS, subject_tensor
 
 
 @dataclass
@@ -286,8 +287,6 @@ def build_judge(folder: Path, config: JudgeConfig | None = None, log: Callable[[
     """Train the judge, check it on the DreamBooth subject set (which it never saw), and save it to `folder`.
 
     The report holds how well it tells the subjects apart (`separation`) beside the model-free 16 px score."""
-    from lora_db.synthetic.subjects import SUBJECTS, subject_tensor
-
     config = config or JudgeConfig()
     started = time.perf_counter()
     judge = train_judge(config, log=log)
