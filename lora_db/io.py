@@ -55,7 +55,11 @@ def _as_created_by_open(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
-class DiskFullError(LoraDBError):
+class WriteError(LoraDBError):
+    """A file could not be written (a full disk, no permission, a read-only or immutable folder): names the file."""
+
+
+class DiskFullError(WriteError):
     """No space left while writing a file: the message names the file."""
 
 
@@ -78,12 +82,14 @@ def os_error_of(err: BaseException) -> OSError | None:
     return None
 
 
-def explain_os_error(err: OSError, path: str | os.PathLike) -> LoraDBError:
+def explain_os_error(err: OSError, path: str | os.PathLike) -> WriteError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"the disk is full (no space left) while writing {path}: free some space and run again")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return LoraDBError(f"cannot write {path}: permission denied or read-only; choose a writable folder")
-    return LoraDBError(f"cannot write {path}: {err.strerror or err}")
+        return WriteError(
+            f"cannot write {path}: permission denied, read-only or immutable; make it writable or choose another folder"
+        )
+    return WriteError(f"cannot write {path}: {err.strerror or err}")
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
@@ -138,12 +144,14 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, replace: bool = False, record: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it is fsynced and renamed to `path`.
 
-    With `replace=True` an existing `path` is swapped out only after the new folder is complete.
+    With `replace=True` an existing `path` is swapped out only after the new folder is complete. With `record=True`
+    the folder lists what lora-db wrote into it (WRITTEN_RECORD), and an existing `path` is replaced only if it holds
+    nothing else: a command's output folder, which `--overwrite` may replace but never a file the user put there.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -151,13 +159,19 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
         raise explain_os_error(err, path) from err
     try:
         yield tmp
+        if record:
+            _record_written(tmp)
         _as_created_by_open(tmp, directory=True)
         _fsync_tree(tmp)
         if path.exists():
             if not replace:
                 raise LoraDBError(f"{path} already exists")
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            if record and (foreign := files_not_written(path)):
+                raise LoraDBError(
+                    f"{path} now holds {_some(foreign)}, which lora-db did not write; it is left as it was and the "
+                    "new output was not written: move those files out and run again"
+                )
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -172,6 +186,54 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
         raise
 
 
+WRITTEN_RECORD = ".lora-db-written.json"  # in a command's output folder: every file and folder lora-db wrote there
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file and folder below `folder`, as relative POSIX paths (links listed, not followed)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        below = Path(dirpath).relative_to(folder)
+        found += [(below / name).as_posix() for name in (*dirnames, *filenames)]
+    return found
+
+
+def _record_written(folder: Path) -> None:
+    (folder / WRITTEN_RECORD).write_text(json.dumps({"files": sorted(_entries(folder))}, indent=1) + "\n")
+
+
+def files_not_written(folder: Path) -> list[str]:
+    """What an output folder holds beyond what lora-db recorded writing there (everything, if it kept no record)."""
+    try:
+        recorded = json.loads((folder / WRITTEN_RECORD).read_text(encoding="utf-8"))["files"]
+        recorded = {name for name in recorded if isinstance(name, str)}
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = set()
+    return sorted(name for name in _entries(folder) if name != WRITTEN_RECORD and name not in recorded)
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} file{'s' if len(names) != 1 else ''} ({shown})"
+
+
+STALE_COPY = r"\.{name}\.[a-z0-9_]{{8}}\.(?:tmp|old)"  # the temporary names atomic_write / atomic_directory use
+
+
+def remove_stale_copies(path: str | os.PathLike) -> None:
+    """The temporary copies of `path` a killed writer left beside it (`.NAME.xxxxxxxx.tmp` / `.old`), nothing else.
+    Call it only while holding the output's lock, when no other lora-db process can be writing them."""
+    path = Path(os.path.abspath(path))
+    pattern = re.compile(STALE_COPY.format(name=re.escape(path.name)))
+    try:
+        siblings = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return
+    for sibling in siblings:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(sibling) if sibling.is_dir() and not sibling.is_symlink() else sibling.unlink()
+
+
 def _name_in(path: Path, tmp: Path, err: BaseException) -> Path:
     """The file inside `path` that failed, when the error names one in the temporary folder; else `path`."""
     filename = getattr(err, "filename", None)
@@ -180,16 +242,27 @@ def _name_in(path: Path, tmp: Path, err: BaseException) -> Path:
     return path
 
 
-def check_output_folder(out: Path, overwrite: bool, marker: str) -> None:
-    """Refuse an existing --out unless --overwrite, and never replace a folder lora-db did not write."""
+def check_output_folder(out: Path, overwrite: bool, marker: str, option: str = "--out") -> None:
+    """Refuse an existing --out unless --overwrite, and never replace a folder that holds a file lora-db did not
+    write (the folder's WRITTEN_RECORD says what it did write)."""
     if not out.exists():
         return
     if not out.is_dir():
-        raise LoraDBError(f"--out {out} is a file; choose a folder")
+        raise LoraDBError(f"{option} {out} is a file; choose a folder")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise LoraDBError(f"{option} {out} holds the current folder, which it would replace; choose a new folder")
     if not overwrite:
-        raise LoraDBError(f"--out {out} already exists; choose another folder, or pass --overwrite to replace it")
-    if any(out.iterdir()) and not (out / marker).is_file():
+        raise LoraDBError(f"{option} {out} already exists; choose another folder, or pass --overwrite to replace it")
+    if not any(out.iterdir()):
+        return
+    if not (out / marker).is_file():
         raise LoraDBError(
-            f"--out {out} holds files lora-db did not write (no {marker}); it will not be replaced: "
+            f"{option} {out} holds files lora-db did not write (no {marker}); it will not be replaced: "
             "choose another folder"
+        )
+    foreign = files_not_written(out)
+    if foreign:
+        raise LoraDBError(
+            f"{option} {out} holds {_some(foreign)} that lora-db did not write; --overwrite replaces only what "
+            "lora-db wrote: move them out, or choose another folder"
         )

@@ -220,9 +220,10 @@ def test_sample_overwrite_rules(files, tmp_path, monkeypatch, capsys):
     args = ("sample", "--adapter", files["a"], "--prompt", PROMPT, "--num-inference-steps", "1", "--out", out)
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     assert_one_line_error(run_cli(monkeypatch, capsys, *args), "already exists", "--overwrite")
+    assert run_cli(monkeypatch, capsys, *args, "--overwrite")[0] == 0  # an earlier sample output is replaced whole
     (out / "notes.txt").write_text("mine")
-    assert run_cli(monkeypatch, capsys, *args, "--overwrite")[0] == 0
-    assert not (out / "notes.txt").exists()  # an earlier sample output is replaced whole
+    assert_one_line_error(run_cli(monkeypatch, capsys, *args, "--overwrite"), "notes.txt", "lora-db did not write")
+    assert (out / "notes.txt").read_text() == "mine"
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("keep me")

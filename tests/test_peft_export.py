@@ -85,7 +85,7 @@ def test_export_command_and_its_refusals(exported, tmp_path, monkeypatch, capsys
     foreign.mkdir()
     (foreign / "todo.txt").write_text("x")
     assert_one_line_error(
-        run_cli(monkeypatch, capsys, "export", source, foreign, "--overwrite"), "lora-db did not export"
+        run_cli(monkeypatch, capsys, "export", source, foreign, "--overwrite"), "lora-db did not write"
     )
 
 

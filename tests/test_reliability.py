@@ -247,9 +247,9 @@ def test_a_real_full_disk_after_training_rescues_the_weights(
 HOLD_LOCK = """
 import sys, time
 from lora_db.locks import output_lock
-with output_lock(sys.argv[1], "--output-dir", inside=sys.argv[2] == "inside"):
+with output_lock(sys.argv[1], "--output-dir"):
     print("locked", flush=True)
-    time.sleep(float(sys.argv[3]))
+    time.sleep(float(sys.argv[2]))
 """
 
 
@@ -262,11 +262,10 @@ def lock_holder():
 
     with contextlib.ExitStack() as stack:
 
-        def start(folder, inside=True, seconds=120):
+        def start(folder, seconds=120):
             process = stack.enter_context(
-                spawn([sys.executable, "-c", HOLD_LOCK, str(folder), "inside" if inside else "beside", str(seconds)],
-                      stdout=subprocess.PIPE, text=True)
-            )  # fmt: skip
+                spawn([sys.executable, "-c", HOLD_LOCK, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True)
+            )
             assert process.stdout.readline().strip() == "locked"
             return process
 
@@ -274,20 +273,21 @@ def lock_holder():
 
 
 def test_a_second_run_in_the_same_output_folder_is_refused_naming_the_first(tiny_config, lock_holder, tmp_path):
+    from lora_db.locks import lock_path
     from lora_db.training.loop import train
 
     out = tmp_path / "out"
     holder = lock_holder(out)
     with pytest.raises(LoraDBError, match=rf"--output-dir {out} is in use by process {holder.pid} "):
         train(tiny_config(output_dir=out, max_train_steps=1))
-    assert sorted(p.name for p in out.iterdir()) == [".lora-db.lock"], "the refused run wrote nothing"
+    assert not out.exists(), "the refused run wrote nothing"
 
     holder.kill()  # a dead owner's lock (its file is still there) must not block the next run
     holder.wait()
-    assert (out / ".lora-db.lock").exists()
+    assert lock_path(out).exists()
     train(tiny_config(output_dir=out, max_train_steps=1))
     assert (out / "adapter.safetensors").exists()
-    assert not (out / ".lora-db.lock").exists(), "the lock is released when the run ends"
+    assert not lock_path(out).exists(), "the lock is released when the run ends"
 
 
 def test_sample_and_merge_outputs_are_locked_too(lock_holder, tmp_path, four_step_run):
@@ -296,16 +296,16 @@ def test_sample_and_merge_outputs_are_locked_too(lock_holder, tmp_path, four_ste
     from lora_db.config.commands import MergeConfig, SampleConfig
 
     merged = tmp_path / "merged"
-    holder = lock_holder(merged, inside=False)
+    holder = lock_holder(merged)
     with pytest.raises(LoraDBError, match=rf"--out {merged} is in use by process {holder.pid}"):
         merge(MergeConfig(adapters=[str(four_step_run / "adapter.safetensors")], out=merged))
 
     samples = tmp_path / "samples"
-    holder = lock_holder(samples, inside=False)
+    holder = lock_holder(samples)
     with pytest.raises(LoraDBError, match=rf"--out {samples} is in use by process {holder.pid}"):
         sample(SampleConfig(out=samples, model="tiny", prompts=["x"], num_inference_steps=1))
     combined = tmp_path / "both.safetensors"
-    holder = lock_holder(combined, inside=False)
+    holder = lock_holder(combined)
     with pytest.raises(LoraDBError, match=rf"--into-adapter {combined} is in use by process {holder.pid}"):
         write_combined(MergeConfig(adapters=["a.safetensors"], into_adapter=combined))
 

@@ -24,6 +24,7 @@ from lora_db.adapters.peft import read_peft_folder, write_peft_folders
 from lora_db.adapters.spec import FORMAT, AdapterFile, LoraSpec, spec_from_json, split_components
 from lora_db.errors import LoraDBError
 from lora_db.io import atomic_write
+from lora_db.locks import output_lock
 
 logger = logging.getLogger("lora_db")
 
@@ -131,4 +132,6 @@ def _json_or_text(value: str) -> object:
 
 def export_peft(adapter_path: str | Path, out: str | Path, overwrite: bool = False) -> list[Path]:
     """`lora-db export`: one peft folder per component (PeftModel.from_pretrained loads each); returns them."""
-    return write_peft_folders(read_adapter(adapter_path), out, overwrite=overwrite)
+    adapter = read_adapter(adapter_path)
+    with output_lock(out, "OUT"):
+        return write_peft_folders(adapter, out, overwrite=overwrite)

@@ -190,7 +190,7 @@ def merge(config: MergeConfig) -> MergeResult:
     adapters = read_weighted(config)
     model = resolve_model(config.model, (a for a, _ in adapters))
     as_trained = quantization_trained_on(adapters) if config.dequantized_base else None
-    with output_lock(config.out, "--out", inside=False):
+    with output_lock(config.out, "--out"):
         check_output_folder(config.out, config.overwrite, MERGE_MARKER)
         return _merge(config, adapters, model, as_trained)
 
@@ -219,7 +219,7 @@ def _merge(
     pipe.to(dtype)
     _check_finite(pipe, dtype)
     untie_caption_decoder(pipe)
-    with atomic_directory(config.out, replace=config.overwrite) as tmp:
+    with atomic_directory(config.out, replace=config.overwrite, record=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(
             tmp / MERGE_MARKER,
@@ -330,7 +330,7 @@ def best_low_rank(
 def write_combined(config: MergeConfig) -> MergeResult:
     """`lora-db merge --into-adapter`: the adapters' weighted sum as one adapter file (no model loaded)."""
     path = config.into_adapter
-    with output_lock(path, "--into-adapter", inside=False):
+    with output_lock(path, "--into-adapter"):
         return _write_combined(config, path)
 
 

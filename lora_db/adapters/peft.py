@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lora_db.adapters.spec import COMPONENTS, AdapterFile, LoraSpec, split_components
 from lora_db.errors import LoraDBError
-from lora_db.io import atomic_directory
+from lora_db.io import WRITTEN_RECORD, atomic_directory, check_output_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -36,12 +36,9 @@ def write_peft_folders(adapter: AdapterFile, out: str | Path, overwrite: bool = 
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LoraDBError(f"{out} already exists; choose another folder, or pass --overwrite")
-    if out.exists() and any(out.iterdir()) and not any((out / c / CONFIG_FILE).is_file() for c in COMPONENTS):
-        raise LoraDBError(f"{out} holds files lora-db did not export; it will not be replaced: choose another folder")
+    check_output_folder(out, overwrite, WRITTEN_RECORD, option="OUT")
     metadata = {k: v for k, v in adapter.metadata.items() if k != "lora_db.components"}
-    with atomic_directory(out, replace=overwrite) as tmp:
+    with atomic_directory(out, replace=overwrite, record=True) as tmp:
         for component, spec in adapter.specs.items():
             folder = tmp / component
             config = spec.peft_config()

@@ -132,7 +132,7 @@ def sample(config: SampleConfig) -> SampleResult:
     if config.quantize_base != "none":
         check_quantization(config.quantize_base, device, dtype)
     check_size(config, model)
-    with output_lock(config.out, "--out", inside=False):
+    with output_lock(config.out, "--out"):
         check_output_folder(config.out, config.overwrite, SAMPLE_MARKER)
         return _sample(config, files, model, prompts, image, device)
 
@@ -158,7 +158,7 @@ def _sample(config: SampleConfig, files, model: str, prompts: list[str], image, 
 
     per_row = config.num_images * max(1, len(prompts))
     with (
-        atomic_directory(config.out, replace=config.overwrite) as tmp,
+        atomic_directory(config.out, replace=config.overwrite, record=True) as tmp,
         tqdm(total=len(rows) * per_row, desc="sample", unit="img" if prompts else "caption") as bar,
     ):
         grid_rows = []

@@ -68,8 +68,10 @@ def estimate_command(config_file: ConfigFile = None, **values: Any) -> None:
 @with_config_options(DemoImagesConfig)
 def demo_images_command(**values: Any) -> None:
     """Write synthetic photos of one subject (a toy robot), for demos and tests without downloads."""
+    from lora_db.locks import output_lock
     from lora_db.synthetic.demo import make_demo_images
 
     config = build_config(DemoImagesConfig, values)
-    paths = make_demo_images(config.folder, count=config.count, size=config.size, seed=config.seed)
+    with output_lock(config.folder, "FOLDER"):
+        paths = make_demo_images(config.folder, count=config.count, size=config.size, seed=config.seed)
     typer.echo(f"wrote {len(paths)} photos to {config.folder}")

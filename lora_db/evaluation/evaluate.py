@@ -67,6 +67,7 @@ from lora_db.evaluation.standing import (
 from lora_db.images import find_images, image_grid, load_image, save_png
 from lora_db.io import atomic_directory, atomic_write_json, check_output_folder
 from lora_db.layout import ADAPTER_FILE, list_checkpoints
+from lora_db.locks import output_lock
 from lora_db.models.loading import load_pipeline
 from lora_db.models.sampling import generate_images
 
@@ -214,6 +215,11 @@ class EvalResult:
 
 def evaluate(config: EvalConfig, on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """`lora-db eval`: every check first, then the base once, the reference rows, then each row's samples and scores."""
+    with output_lock(config.out, "--out"):
+        return _evaluate(config, on_progress)
+
+
+def _evaluate(config: EvalConfig, on_progress: Callable[[int], None] | None) -> EvalResult:
     from tqdm.auto import tqdm
 
     candidates = expand_adapters(config.adapters)
@@ -248,7 +254,7 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int], None] | None = Non
     started = time.perf_counter()
     rows, samples = [], {}
     with (
-        atomic_directory(config.out, replace=config.overwrite) as tmp,
+        atomic_directory(config.out, replace=config.overwrite, record=True) as tmp,
         tqdm(total=images_total, desc="eval", unit="img") as bar,
     ):
         # No adapter is loaded yet: the descriptions are the base model's.
