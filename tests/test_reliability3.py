@@ -7,7 +7,9 @@ files, untrusted text on the terminal, and specific one-line errors where "unexp
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,217 @@ def test_an_output_that_holds_the_current_folder_is_refused(adapter_file, tmp_pa
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "merge", "--model", "tiny", "--adapter", adapter_file, "--out", ".")
     assert code == 1 and err == ["error: --out . holds the current folder, which it would replace; choose a new folder"]
+
+
+# -- one adapter validation for every reader -----------------------------------------------------------------------
+
+
+def rewrite(source: Path, target: Path, tensors=None, metadata=None) -> Path:
+    """A copy of the adapter file `source` with some tensors and metadata changed (None as a value drops it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as f:
+        meta, flat = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for changes, into in ((tensors or {}, flat), (metadata or {}, meta)):
+        for key, value in changes.items():
+            into.pop(key) if value is None else into.__setitem__(key, value)
+    save_file(flat, str(target), metadata=meta)
+    return target
+
+
+def first_key(path: Path, kind: str) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return next(k for k in f.keys() if k.endswith(kind))  # noqa: SIM118
+
+
+def components_with(path: Path, **changes) -> str:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        components = json.loads(f.metadata()["lora_db.components"])
+    components["unet"].update(changes)
+    return json.dumps(components)
+
+
+def bad_adapters(good: Path):
+    import torch
+
+    a, b = first_key(good, "lora_A.weight"), first_key(good, "lora_B.weight")
+    shape_b = (32, 4)
+    return {
+        "exploded B": ({b: torch.full(shape_b, 1e30)}, {}, "holds values up to 1e+30"),
+        "NaN": ({a: torch.full((4, 32), float("nan"))}, {}, "holds NaN or infinite values"),
+        "int8": ({b: torch.ones(shape_b, dtype=torch.int8)}, {}, "is int8; LoRA weights are floating point"),
+        "bool": ({b: torch.ones(shape_b, dtype=torch.bool)}, {}, "is bool; LoRA weights are floating point"),
+        "1-D A": ({a: torch.ones(4)}, {}, "has shape (4,); it must be 2-D"),
+        "no components": (dict.fromkeys(_keys(good)), {"lora_db.components": "{}"}, "holds no adapter component"),
+        "rank 4.5": ({}, {"lora_db.components": components_with(good, rank=4.5)}, "rank must be a whole number"),
+        "text as bool": ({}, {"lora_db.components": components_with(good, use_rslora="no")}, "use_rslora must be"),
+        "text as targets": ({}, {"lora_db.components": components_with(good, target_modules="to_q")}, "a list of"),
+        "alpha 1e300": ({}, {"lora_db.components": components_with(good, alpha=1e300)}, "scales each update by"),
+        "a list": ({}, {"lora_db.components": "[1, 2]"}, "lora_db.components is not a table of components"),
+        "not JSON": ({}, {"lora_db.components": "{"}, "lora_db.components is not JSON"),
+    }
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+BAD = ["exploded B", "NaN", "int8", "bool", "1-D A", "no components", "rank 4.5", "text as bool", "text as targets",
+       "alpha 1e300", "a list", "not JSON"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_adapter_is_one_line_naming_the_tensor_or_field(adapter_file, tmp_path, monkeypatch, capsys, case):
+    from lora_db.adapters.format import read_adapter
+
+    tensors, metadata, fragment = bad_adapters(adapter_file)[case]
+    bad = rewrite(adapter_file, tmp_path / "bad.safetensors", tensors, metadata)
+    with pytest.raises(LoraDBError) as err:
+        read_adapter(bad)
+    assert fragment in str(err.value) and str(bad) in str(err.value)
+    code, _, lines = run_cli(monkeypatch, capsys, "info", bad)
+    assert code == 1 and len(lines) == 1 and fragment in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "--model", "tiny", "--prompt", "x", "--out", "{out}", "--adapter", "{bad}"],
+        ["merge", "--model", "tiny", "--out", "{out}", "--adapter", "{bad}"],
+        ["merge", "--into-adapter", "{out}.safetensors", "--adapter", "{good}", "--adapter", "{bad}"],
+        ["export", "{bad}", "{out}"],
+        ["eval", "--model", "tiny", "--instance-dir", "{photos}", "--prompt", "sks", "--out", "{out}",
+         "--adapter", "{bad}"],
+        ["train", "--model", "tiny", "--instance-dir", "{photos}", "--instance-prompt", "sks", "--output-dir", "{out}",
+         "--max-train-steps", "1", "--init-adapter", "{bad}"],
+    ],
+    ids=["sample", "merge", "into-adapter", "export", "eval", "init-adapter"],
+)  # fmt: skip
+def test_every_reader_refuses_a_diverged_adapter(adapter_file, instance_dir, tmp_path, monkeypatch, capsys, command):
+    tensors, metadata, fragment = bad_adapters(adapter_file)["exploded B"]
+    bad = rewrite(adapter_file, tmp_path / "bad.safetensors", tensors, metadata)
+    values = {"bad": bad, "good": adapter_file, "out": tmp_path / "out", "photos": instance_dir}
+    code, _, lines = run_cli(monkeypatch, capsys, *(part.format(**values) for part in command))
+    errors = [line for line in lines if line.startswith("error:")]
+    assert code == 1 and errors == [lines[-1]] and fragment in errors[0], lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_booleans_in_files_are_read_as_booleans(adapter_file, tmp_path):
+    import json
+
+    from lora_db.adapters.format import export_peft, read_adapter
+
+    false = rewrite(adapter_file, tmp_path / "f.safetensors", metadata={
+        "lora_db.components": components_with(adapter_file, use_rslora="false", use_dora="False")
+    })  # fmt: skip
+    spec = read_adapter(false).specs["unet"]
+    assert (spec.use_rslora, spec.use_dora) == (False, False)
+    (folder,) = export_peft(adapter_file, tmp_path / "peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"use_rslora": "false"}))
+    assert read_adapter(folder).specs["unet"].use_rslora is False
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"use_rslora": "sometimes"}))
+    with pytest.raises(LoraDBError, match=r"adapter_config.json: use_rslora must be true or false, not 'sometimes'"):
+        read_adapter(folder)
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ([1, 2], "not a peft config (a JSON table of settings)"),
+        ({"r": 4, "target_modules": ["to_q"]}, "no lora_alpha; the file is incomplete"),
+        ({"r": "four", "lora_alpha": 4, "target_modules": ["to_q"]}, "r must be a whole number of at least 1"),
+        ("{", "not readable JSON"),
+    ],
+)
+def test_malformed_peft_configs_are_named(adapter_file, tmp_path, config, fragment):
+    import json
+
+    from lora_db.adapters.format import export_peft, read_adapter
+
+    (folder,) = export_peft(adapter_file, tmp_path / "peft")
+    (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    for path in (folder, folder.parent):  # one peft folder, and the exported folder of components
+        with pytest.raises(LoraDBError, match=re.escape("adapter_config.json: " + fragment)):
+            read_adapter(path)
+
+
+def test_a_training_checkpoint_is_validated_as_an_adapter(tiny_config):
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_db.evaluation.evaluate import expand_adapters
+    from lora_db.training.loop import train
+
+    out = train(tiny_config(max_train_steps=1, checkpointing_steps=1)).output_dir
+    weights = out / "checkpoint-1" / "trainable.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if "lora_B" in k)
+    save_file(dict(tensors, **{key: torch.full_like(tensors[key], 1e30)}), str(weights))
+    with pytest.raises(LoraDBError, match=r"checkpoint-1: unet.* holds values up to 1e"):
+        expand_adapters([str(out)])
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"rank": "four"}))
+    with pytest.raises(LoraDBError, match=r"config.json: rank must be a whole number of at least 1, not 'four'"):
+        expand_adapters([str(out)])
+    (out / "config.json").write_text("[]")
+    with pytest.raises(LoraDBError, match=r"its config.json is not a table of options"):
+        expand_adapters([str(out)])
+
+
+# -- text from files on the terminal; the base model a file names -------------------------------------------------
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\u202e" + "A" * 5_000_000  # sets the title, clears the screen, reverses, fills
+
+
+def test_text_from_a_file_is_printed_escaped_and_cut(adapter_file, tmp_path, monkeypatch, capsys, caplog):
+    import json
+
+    bad = rewrite(adapter_file, tmp_path / "x.safetensors", metadata={
+        "instance_prompt": HOSTILE, "base_model": "\x1b[2Jtiny", "quantize_base": "nf4\x1b[31m", "steps": "\r1",
+    })  # fmt: skip
+    code, out, _ = run_cli(monkeypatch, capsys, "info", bad)
+    assert code == 0 and "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in out and len(out) < 3000 and "more characters)" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "info", "--json", bad)
+    assert code == 0 and "\x1b" not in out and len(json.loads(out)["instance_prompt"]) < 1000
+    caplog.set_level(logging.INFO, logger="lora_db")
+    sample = ("sample", "--model", "tiny", "--adapter", bad, "--prompt", "x", "--num-inference-steps", "1")
+    code, out, lines = run_cli(monkeypatch, capsys, *sample, "--out", tmp_path / "samples")
+    assert code == 0 and "\x1b" not in "".join([out, *lines, caplog.text])
+    assert "trained on \\x1b[2Jtiny (its metadata says), not tiny" in caplog.text
+    assert "trained on an nf4\\x1b[31m base" in caplog.text
+    logging.getLogger("lora_db").warning("%s", HOSTILE)  # any log line of lora-db, once the CLI has run
+    assert "\x1b" not in caplog.text and len(caplog.text) < 10_000
+
+
+@pytest.mark.parametrize("base", ["someone/other-model", "../../../../etc", "\x1b[2J/tmp/x"])
+def test_a_base_model_named_by_a_file_is_never_loaded_without_model(adapter_file, tmp_path, monkeypatch, capsys, base):
+    import lora_db.models.loading as loading
+
+    bad = rewrite(adapter_file, tmp_path / "x.safetensors", metadata={"base_model": base})
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_unet_config", lambda *a, **k: pytest.fail("a model config was read"))
+    for command in (["sample", "--prompt", "x"], ["merge"], ["eval", "--prompt", "x", "--instance-dir", tmp_path]):
+        code, _, lines = run_cli(monkeypatch, capsys, *command, "--adapter", bad, "--out", tmp_path / "out")
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].startswith("error: --model is required: the adapter's metadata names its base model as ")
+        assert "\x1b" not in lines[0] and "pass --model with the base you mean" in lines[0]
+    built_in = rewrite(adapter_file, tmp_path / "tiny.safetensors", metadata={"base_model": "tiny"})
+    from lora_db.adapters.format import read_adapter
+    from lora_db.adapters.hotswap import resolve_model
+
+    assert resolve_model(None, [read_adapter(built_in)]) == "tiny"  # lora-db's own builds load nothing from outside

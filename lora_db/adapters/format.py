@@ -21,10 +21,11 @@ import torch
 
 from lora_db.adapters.layers import lora_pairs
 from lora_db.adapters.peft import read_peft_folder, write_peft_folders
-from lora_db.adapters.spec import FORMAT, AdapterFile, LoraSpec, spec_from_json, split_components
+from lora_db.adapters.spec import FORMAT, AdapterFile, LoraSpec, checked_adapter, parse_spec
 from lora_db.errors import LoraDBError
 from lora_db.io import atomic_write
 from lora_db.locks import output_lock
+from lora_db.logs import printable
 
 logger = logging.getLogger("lora_db")
 
@@ -37,7 +38,8 @@ def save_adapter(
     specs: Mapping[str, LoraSpec],
     metadata: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write one self-contained adapter file atomically (fp32 tensors, component-prefixed keys)."""
+    """Write one self-contained adapter file atomically (fp32 tensors, component-prefixed keys), checked as every
+    reader checks it: lora-db never writes an adapter it would refuse to read (a diverged one, say)."""
     from safetensors.torch import save_file
 
     flat = {
@@ -45,6 +47,7 @@ def save_adapter(
         for component, part in tensors.items()
         for key, tensor in part.items()
     }
+    checked_adapter(Path(path), flat, specs, {})
     meta = {"format": FORMAT}
     meta["lora_db.components"] = json.dumps(
         {c: {**asdict(s), "target_modules": list(s.target_modules)} for c, s in specs.items()}, sort_keys=True
@@ -78,11 +81,12 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise LoraDBError(f"{path}: no lora-db metadata (rank, alpha, targets); it was not written by lora-db train")
     try:
         raw_specs = json.loads(metadata["lora_db.components"])
-        specs = {c: spec_from_json(s) for c, s in raw_specs.items()}
-    except (ValueError, KeyError, TypeError) as err:
-        raise LoraDBError(f"{path}: damaged lora-db metadata ({err})") from None
-    tensors = split_components(path, flat, specs)
-    return AdapterFile(path=path, tensors=tensors, specs=specs, metadata=metadata)
+    except ValueError as err:
+        raise LoraDBError(f"{path}: damaged lora-db metadata, lora_db.components is not JSON ({err})") from None
+    if not isinstance(raw_specs, dict):
+        raise LoraDBError(f"{path}: damaged lora-db metadata, lora_db.components is not a table of components")
+    specs = {c: parse_spec(s, f"{path}: metadata lora_db.components.{printable(c)}") for c, s in raw_specs.items()}
+    return checked_adapter(path, flat, specs, metadata)
 
 
 def describe_adapter(adapter: AdapterFile) -> dict[str, object]:

@@ -24,6 +24,8 @@ from lora_db.adapters.spec import COMPONENTS, AdapterFile
 from lora_db.config.commands import WeightedAdapter
 from lora_db.errors import LoraDBError
 from lora_db.layout import ADAPTER_FILE
+from lora_db.logs import printable
+from lora_db.models.loading import is_built_in
 from lora_db.models.loading import load_pipeline as load_base
 from lora_db.models.quantize import check_quantization, quantize_pipeline
 
@@ -143,8 +145,8 @@ def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.
             logger.info(
                 "%s was trained on %s base; --quantize-base %s samples it on the base it was trained on",
                 adapter.path,
-                f"an {trained}" if trained != "none" else "a full-precision",
-                trained,
+                f"an {printable(trained)}" if trained != "none" else "a full-precision",
+                printable(trained),
             )
     if kind == "none":
         return
@@ -154,15 +156,24 @@ def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.
 
 
 def resolve_model(model: str | None, adapters: Iterable[AdapterFile]) -> str:
+    """The base model to load: the user's --model; without one, the adapters' recorded base only when it is one of
+    lora-db's own builds (tiny, tiny-world, random:...). A path or hub id from a file's metadata chooses nothing."""
     adapters = list(adapters)
     if model:
         warn_other_base(model, adapters)
         return model
     bases = {a.metadata.get("base_model", "") for a in adapters} - {""}
     if len(bases) != 1:
-        found = f"they name {', '.join(sorted(bases))}" if bases else "none names one"
+        found = f"they name {', '.join(sorted(printable(b) for b in bases))}" if bases else "none names one"
         raise LoraDBError(f"--model is required: the adapters' metadata gives no single base model ({found})")
-    return bases.pop()
+    base = bases.pop()
+    if not is_built_in(base):
+        raise LoraDBError(
+            f"--model is required: the adapter's metadata names its base model as {printable(base)!r}, and lora-db "
+            "loads no folder or hub model an adapter file names; pass --model with the base you mean"
+        )
+    logger.info("--model not given: %s, the base model the adapters' metadata names", base)
+    return base
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -176,8 +187,9 @@ def warn_other_base(model: str, adapters: Iterable[AdapterFile]) -> None:
         base = adapter.metadata.get("base_model", "")
         if base and not _same_model(base, model):
             logger.warning(
-                "%s was trained on %s, not %s: its layers may fit, but what it learned may not carry over",
+                "%s was trained on %s (its metadata says), not %s: its layers may fit, but what it learned may not "
+                "carry over",
                 adapter.path,
-                base,
+                printable(base),
                 model,
             )

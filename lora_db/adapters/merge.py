@@ -44,6 +44,7 @@ from lora_db.config.fields import MixedPrecision
 from lora_db.errors import LoraDBError
 from lora_db.io import atomic_directory, atomic_write_json, check_output_folder
 from lora_db.locks import output_lock
+from lora_db.logs import printable
 from lora_db.models.loading import load_pipeline
 from lora_db.models.memory import weight_dtype
 from lora_db.models.quantize import QUANTIZATIONS, check_quantization, dequantize_model, quantize_model
@@ -146,8 +147,8 @@ def quantization_trained_on(adapters: Weighted) -> tuple[str, str]:
             )
         if kind not in QUANTIZATIONS or precision not in get_args(MixedPrecision):
             raise LoraDBError(
-                f"--dequantized-base: {adapter.path} records a base quantized as {kind!r} under mixed precision "
-                f"{precision!r}, which lora-db does not know; merge it without --dequantized-base"
+                f"--dequantized-base: {adapter.path} records a base quantized as '{printable(kind)}' under mixed "
+                f"precision '{printable(precision)}', which lora-db does not know; merge it without --dequantized-base"
             )
         settings.add((kind, precision))
     if len(settings) > 1:

@@ -18,11 +18,13 @@ extra saved modules) are refused by name.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from lora_db.adapters.spec import COMPONENTS, AdapterFile, LoraSpec, split_components
+from lora_db.adapters.spec import COMPONENTS, PEFT_KEYS, AdapterFile, LoraSpec, checked_adapter, parse_spec, read_bool
 from lora_db.errors import LoraDBError
 from lora_db.io import WRITTEN_RECORD, atomic_directory, check_output_folder
+from lora_db.logs import printable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,23 +72,42 @@ def read_peft_folder(path: Path) -> AdapterFile:
         specs[component] = _read_config(folder / CONFIG_FILE)
         tensors, header = _read_weights(folder)
         flat.update({f"{component}.{key}": t for key, t in tensors.items()})
-        metadata.update(json.loads(header.get(METADATA_KEY, "{}")))
+        metadata.update(_lora_db_metadata(folder / WEIGHTS_FILE, header))
     metadata["format"] = "peft folder"
-    return AdapterFile(path=path, tensors=split_components(path, flat, specs), specs=specs, metadata=metadata)
+    return checked_adapter(path, flat, specs, metadata)
 
 
-def _guess_component(folder: Path) -> str:
-    targets = json.loads((folder / CONFIG_FILE).read_text()).get("target_modules") or []
-    return "text_encoder" if targets and all(str(t).split(".")[-1] in TEXT_ENCODER_HINTS for t in targets) else "unet"
+def _lora_db_metadata(path: Path, header: dict[str, str]) -> dict[str, str]:
+    """lora-db's metadata riding in an exported file's header: a JSON table, its values kept as text."""
+    try:
+        found = json.loads(header.get(METADATA_KEY, "{}"))
+    except ValueError as err:
+        raise LoraDBError(f"{path}: its {METADATA_KEY} header is not JSON ({err})") from None
+    if not isinstance(found, dict):
+        raise LoraDBError(f"{path}: its {METADATA_KEY} header is not a table of metadata")
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in found.items()}
 
 
-def _read_config(path: Path) -> LoraSpec:
+def _read_json_table(path: Path) -> dict:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise LoraDBError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise LoraDBError(f"{path}: not a peft config (a JSON table of settings)")
+    return raw
+
+
+def _guess_component(folder: Path) -> str:
+    targets = _read_json_table(folder / CONFIG_FILE).get("target_modules") or []
+    names = targets if isinstance(targets, list) else []
+    return "text_encoder" if names and all(str(t).split(".")[-1] in TEXT_ENCODER_HINTS for t in names) else "unet"
+
+
+def _read_config(path: Path) -> LoraSpec:
+    raw = _read_json_table(path)
     if raw.get("peft_type", "LORA") != "LORA":
-        raise LoraDBError(f"{path}: a {raw.get('peft_type')} adapter; lora-db applies LoRA (and DoRA) only")
+        raise LoraDBError(f"{path}: a {printable(raw.get('peft_type'))} adapter; lora-db applies LoRA (and DoRA) only")
     unsupported = {
         "rank_pattern": "per-layer ranks",
         "alpha_pattern": "per-layer alphas",
@@ -96,24 +117,14 @@ def _read_config(path: Path) -> LoraSpec:
     for key, what in unsupported.items():
         if raw.get(key):
             raise LoraDBError(f"{path}: {key} ({what}) cannot be applied exactly by lora-db")
-    if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
+    if raw.get("bias", "none") != "none" or (
+        raw.get("lora_bias") is not None and read_bool(raw["lora_bias"], f"{path}: lora_bias")
+    ):
         raise LoraDBError(f"{path}: trained biases cannot be applied exactly by lora-db")
-    if raw.get("fan_in_fan_out"):
+    if raw.get("fan_in_fan_out") is not None and read_bool(raw["fan_in_fan_out"], f"{path}: fan_in_fan_out"):
         raise LoraDBError(f"{path}: fan_in_fan_out (Conv1D layers) does not occur in UniDiffuser")
-    targets = raw.get("target_modules")
-    if not isinstance(targets, list) or not targets:
-        raise LoraDBError(f"{path}: target_modules must be a list of layer names, not {targets!r}")
-    try:
-        return LoraSpec(
-            int(raw["r"]),
-            float(raw["lora_alpha"]),
-            tuple(sorted(targets)),
-            float(raw.get("lora_dropout", 0.0)),
-            use_dora=bool(raw.get("use_dora", False)),
-            use_rslora=bool(raw.get("use_rslora", False)),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise LoraDBError(f"{path}: incomplete LoRA config ({err})") from None
+    spec = parse_spec(raw, str(path), PEFT_KEYS)
+    return replace(spec, target_modules=tuple(sorted(spec.target_modules)))
 
 
 def _read_weights(folder: Path) -> tuple[dict, dict[str, str]]:

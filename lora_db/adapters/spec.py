@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lora_db.errors import LoraDBError
+from lora_db.logs import printable
 
 logger = logging.getLogger("lora_db")
 
@@ -77,48 +78,160 @@ class AdapterFile:
         return self.metadata.get("quantize_base") or "none"
 
 
-def spec_from_json(raw: Mapping[str, object]) -> LoraSpec:
-    return LoraSpec(
-        int(raw["rank"]),
-        float(raw["alpha"]),
-        tuple(raw["target_modules"]),
-        float(raw.get("dropout", 0)),
-        bool(raw.get("use_dora", False)),
-        bool(raw.get("use_rslora", False)),
+MAX_ABS_WEIGHT = 1e4  # no trained LoRA weight comes near (they stay below ~10); a lora_B of 1e30 samples black
+MAX_SCALE = 1e4  # alpha / rank: 1 or 2 is usual; 1e300 overflows the first update
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+LORA_DB_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "target_modules", "dropout": "dropout"}
+PEFT_KEYS = {"rank": "r", "alpha": "lora_alpha", "targets": "target_modules", "dropout": "lora_dropout"}
+
+
+def out_of_range(tensors: Mapping[str, torch.Tensor], limit: float = MAX_ABS_WEIGHT) -> tuple[str, float] | None:
+    """The first tensor holding NaN, an infinity or a magnitude above `limit`, with its largest magnitude; None when
+    all are sane. One device sync for all of them (training checks its weights after every update)."""
+    named = [(name, t.detach()) for name, t in tensors.items() if t.numel()]
+    if not named:
+        return None
+    device = named[0][1].device
+    peaks = torch.stack([t.abs().amax().float().to(device) for _, t in named])
+    bad = ~(peaks <= limit)  # NaN compares False
+    if not bool(bad.any()):
+        return None
+    index = int(bad.nonzero()[0, 0])
+    return named[index][0], float(peaks[index])
+
+
+def describe_peak(peak: float) -> str:
+    return "NaN or infinite values" if not math.isfinite(peak) else f"values up to {peak:.3g}"
+
+
+def read_bool(value: object, where: str) -> bool:
+    """A boolean from a file: true/false (JSON), or the text "true"/"false" ("false" is no true value)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise LoraDBError(f"{where} must be true or false, not {printable(repr(value))}")
+
+
+def _whole_number(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+        raise LoraDBError(f"{where} must be a whole number of at least 1, not {printable(repr(value))}")
+    return int(value)
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise LoraDBError(f"{where} must be a finite number, not {printable(repr(value))}")
+    return float(value)
+
+
+def parse_spec(raw: object, where: str, keys: Mapping[str, str] = LORA_DB_KEYS) -> LoraSpec:
+    """A LoraSpec from a file's fields (lora-db's metadata, a peft adapter_config.json, a run's config.json), each
+    checked for its type and range; `keys` names the fields as that file spells them. Errors name the field."""
+    if not isinstance(raw, Mapping):
+        raise LoraDBError(f"{where}: must be a table of LoRA settings, not {printable(repr(raw))}")
+
+    def get(name: str, default: object = None) -> object:
+        key = keys.get(name, name)
+        if key not in raw and default is None:
+            raise LoraDBError(f"{where}: no {key}; the file is incomplete")
+        return raw.get(key, default)  # a key present with null stays None
+
+    rank = _whole_number(get("rank"), f"{where}: {keys['rank']}")
+    alpha_value = get("alpha")  # a run's config.json holds null for "the rank"
+    alpha = float(rank) if alpha_value is None else _number(alpha_value, f"{where}: {keys['alpha']}")
+    dropout = _number(get("dropout", 0.0), f"{where}: {keys['dropout']}")
+    targets = get("targets")
+    if not (isinstance(targets, list | tuple) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise LoraDBError(f"{where}: {keys['targets']} must be a list of layer names, not {printable(repr(targets))}")
+    spec = LoraSpec(
+        rank,
+        alpha,
+        tuple(targets),
+        dropout,
+        use_dora=read_bool(get("use_dora", False), f"{where}: use_dora"),
+        use_rslora=read_bool(get("use_rslora", False), f"{where}: use_rslora"),
     )
+    if alpha <= 0 or not 0 <= dropout < 1:
+        field, value = (keys["alpha"], alpha) if alpha <= 0 else (keys["dropout"], dropout)
+        raise LoraDBError(f"{where}: {field} {value:g} is out of range (alpha above 0, dropout in [0, 1))")
+    if spec.scale > MAX_SCALE:
+        raise LoraDBError(
+            f"{where}: {keys['alpha']} {alpha:g} over rank {rank} scales each update by {spec.scale:.3g}, above "
+            f"{MAX_SCALE:g}; such an adapter only samples noise: the file is damaged or its alpha mistyped"
+        )
+    return spec
 
 
-def split_components(
-    path: Path, flat: Mapping[str, torch.Tensor], specs: Mapping[str, LoraSpec]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Component-prefixed tensors -> tensors per component, each checked against its spec."""
+def checked_adapter(
+    path: Path, flat: Mapping[str, torch.Tensor], specs: Mapping[str, LoraSpec], metadata: Mapping[str, str]
+) -> AdapterFile:
+    """The one validation every reader of adapters shares (info, sample, merge, export, eval, --init-adapter) and
+    the writer too: at least one known component, and for each floating-point 2-D A/B pairs of its rank, finite and
+    of a sane magnitude. Component-prefixed tensors are split per component. Errors name the tensor."""
+    if not specs:
+        raise LoraDBError(f"{path}: holds no adapter component (unet or text_encoder); there is nothing to apply")
+    for component in specs:
+        if component not in COMPONENTS:
+            raise LoraDBError(
+                f"{path}: holds LoRA for {printable(component)}, which lora-db does not apply "
+                f"(only {', '.join(COMPONENTS)})"
+            )
     tensors: dict[str, dict[str, torch.Tensor]] = {c: {} for c in specs}
     for key, tensor in flat.items():
         component, _, rest = key.partition(".")
         if component not in specs:
-            raise LoraDBError(f"{path}: tensor {key} belongs to no component named in the metadata")
+            raise LoraDBError(f"{path}: tensor {printable(key)} belongs to no component named in the metadata")
         tensors[component][rest] = tensor
     for component, part in tensors.items():
-        _check_ranks(path, component, part, specs[component])
-    return tensors
+        _check_component(path, component, part, specs[component])
+    return AdapterFile(path=path, tensors=tensors, specs=dict(specs), metadata=dict(metadata))
 
 
-def _check_ranks(path: Path, component: str, part: Mapping[str, torch.Tensor], spec: LoraSpec) -> None:
+def _check_component(path: Path, component: str, part: Mapping[str, torch.Tensor], spec: LoraSpec) -> None:
     if not part:
         raise LoraDBError(f"{path}: component {component} has no tensors")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in part.items():
-        if not torch.isfinite(tensor).all():
-            raise LoraDBError(f"{path}: {component}.{key} holds NaN or infinite values")
+        name = f"{path}: {component}.{printable(key)}"
         if key.endswith(MAGNITUDE_SUFFIX):
             if not spec.use_dora:
-                raise LoraDBError(f"{path}: {component}.{key} is a DoRA magnitude but the metadata says plain LoRA")
-            continue
-        rank = tensor.shape[0] if ".lora_A." in key else tensor.shape[-1] if ".lora_B." in key else None
-        if rank is None:
-            raise LoraDBError(f"{path}: {component}.{key} is not a LoRA A/B weight")
-        if rank != spec.rank:
+                raise LoraDBError(f"{name} is a DoRA magnitude but the metadata says plain LoRA")
+            module, kind, dims = key.removesuffix(MAGNITUDE_SUFFIX), "magnitude", 1
+        else:
+            module, _, kind = key.rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                raise LoraDBError(f"{name} is not a LoRA A/B weight")
+            dims = 2
+        if tensor.dtype not in FLOAT_DTYPES:
             raise LoraDBError(
-                f"{path}: {component}.{key} has rank {rank} but the metadata says {spec.rank}; the file is inconsistent"
+                f"{name} is {str(tensor.dtype).removeprefix('torch.')}; LoRA weights are floating point "
+                "(fp32, fp16 or bf16)"
             )
-    if not math.isfinite(spec.alpha) or spec.alpha <= 0:
-        raise LoraDBError(f"{path}: metadata alpha {spec.alpha} for {component} is not a positive number")
+        if tensor.ndim != dims:
+            raise LoraDBError(f"{name} has shape {tuple(tensor.shape)}; it must be {dims}-D")
+        rank = tensor.shape[0] if kind == "A.weight" else tensor.shape[1] if kind == "B.weight" else spec.rank
+        if rank != spec.rank:
+            raise LoraDBError(f"{name} has rank {rank} but the metadata says {spec.rank}; the file is inconsistent")
+        modules.setdefault(module, {})[kind] = tensor
+    for module, kinds in modules.items():
+        for kind, other in (("A.weight", "B.weight"), ("B.weight", "A.weight")):
+            if kind in kinds and other not in kinds:
+                raise LoraDBError(
+                    f"{path}: {component}.{printable(module)}.lora_{kind} has no matching lora_{other[0]}; "
+                    "the file is incomplete"
+                )
+        if spec.use_dora and "magnitude" not in kinds:
+            raise LoraDBError(f"{path}: {component}.{printable(module)} has no DoRA magnitude; the file is incomplete")
+        if "magnitude" in kinds and "B.weight" in kinds and kinds["magnitude"].shape[0] != kinds["B.weight"].shape[0]:
+            raise LoraDBError(
+                f"{path}: {component}.{printable(module)}'s DoRA magnitude has {kinds['magnitude'].shape[0]} values "
+                f"for {kinds['B.weight'].shape[0]} output features; the file is inconsistent"
+            )
+    bad = out_of_range(part)
+    if bad is not None:
+        raise LoraDBError(
+            f"{path}: {component}.{printable(bad[0])} holds {describe_peak(bad[1])}; LoRA weights stay far below "
+            f"{MAX_ABS_WEIGHT:g}: the adapter diverged in training or the file is damaged"
+        )

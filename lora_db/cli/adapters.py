@@ -19,6 +19,7 @@ import typer
 
 from lora_db.cli.options import build_config, with_config_options
 from lora_db.config.commands import ExportConfig, InfoConfig, MergeConfig, SampleConfig
+from lora_db.logs import MAX_SHOWN, printable
 
 app = typer.Typer()
 
@@ -41,8 +42,8 @@ def _count(number: int, noun: str) -> str:
 
 
 def _print_sample(result) -> None:
-    for caption in result.captions:
-        typer.echo(f"{caption['row']} (seed {caption['seed']}): {caption['caption']}")
+    for caption in result.captions:  # generated text: escaped like text from a file
+        typer.echo(f"{caption['row']} (seed {caption['seed']}): {printable(caption['caption'])}")
     if result.grid is not None:
         typer.echo(f"grid: {result.grid} ({_count(len(result.rows), 'row')}: {', '.join(result.rows)})")
         typer.echo(f"images: {_count(len(result.images), 'PNG')} in {result.out}")
@@ -99,37 +100,66 @@ def info_command(**values: Any) -> None:
 
     config = build_config(InfoConfig, values)
     info = describe_adapter(read_adapter(config.file))
-    typer.echo(json.dumps(info, indent=2) if config.as_json else "\n".join(info_lines(info)))
+    typer.echo(json.dumps(_cut(info), indent=2) if config.as_json else "\n".join(info_lines(info)))
+
+
+def _cut(value: Any) -> Any:
+    """Every string from the file cut to a sane length (json.dumps escapes control characters itself)."""
+    if isinstance(value, str):
+        return (
+            value if len(value) <= MAX_SHOWN else value[:MAX_SHOWN] + f"... ({len(value) - MAX_SHOWN} more characters)"
+        )
+    if isinstance(value, dict):
+        return {key: _cut(item) for key, item in value.items()}
+    return [_cut(item) for item in value] if isinstance(value, list) else value
+
+
+def _quoted(value: Any) -> str:
+    return f"'{printable(value)}'"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int | float) and not isinstance(value, bool) else printable(value)
 
 
 def info_lines(info: dict) -> list[str]:
+    """`lora-db info` as text; every value from the file escaped and cut (`printable`), whatever its type."""
     lines = [
-        f"file          {info['file']} ({info['size_bytes'] / 1024:.1f} KiB, {info['format']})",
-        f"base model    {info['base_model'] or 'unknown'}",
+        f"file          {printable(info['file'])} ({info['size_bytes'] / 1024:.1f} KiB, {printable(info['format'])})",
+        f"base model    {printable(info['base_model']) or 'unknown'} (from its metadata)",
     ]
     if info["instance_prompt"]:
-        trained = f"{info['steps']} steps on {info['instance_prompt']!r}"
+        trained = f"{printable(info['steps'])} steps on {_quoted(info['instance_prompt'])}"
         if info["class_prompt"]:
-            trained += f", prior {info['class_prompt']!r}"
-        lines.append(f"trained       {trained}" + (f" at {info['resolution']} px" if info["resolution"] else ""))
-    if info.get("quantize_base") not in (None, "", "none"):
+            trained += f", prior {_quoted(info['class_prompt'])}"
+        lines.append(f"trained       {trained}" + (f" at {printable(r)} px" if (r := info["resolution"]) else ""))
+    if (quantized := info.get("quantize_base")) not in (None, "", "none"):
+        kind = printable(quantized)
         lines.append(
-            f"trained on    a {info['quantize_base']}-quantized base (QLoRA): sample it with --quantize-base "
-            f"{info['quantize_base']}, or merge it with --dequantized-base (onto the base training saw) or without "
-            "(onto the full-precision base)"
+            f"trained on    a {kind}-quantized base (QLoRA): sample it with --quantize-base {kind}, or merge it with "
+            "--dequantized-base (onto the base training saw) or without (onto the full-precision base)"
         )
-    for source in info.get("combined_from", []):
-        lines.append(f"combined from {source['path']} x{source['weight']:g} ({source['instance_prompt']!r})")
-    if "combination" in info:
-        combination = info["combination"]
-        lines.append(f"combination   {combination['method']}, relative error {combination['relative_error']:.3g}")
+    sources = info.get("combined_from", [])
+    for source in sources if isinstance(sources, list) else [sources]:
+        if isinstance(source, dict):
+            described = f"{printable(source.get('path'))} x{_number(source.get('weight'))}"
+            lines.append(f"combined from {described} ({_quoted(source.get('instance_prompt', ''))})")
+        else:
+            lines.append(f"combined from {printable(source)}")
+    if isinstance(combination := info.get("combination"), dict):
+        lines.append(
+            f"combination   {printable(combination.get('method'))}, relative error "
+            f"{_number(combination.get('relative_error'))}"
+        )
     for component, part in info["components"].items():
         lines.append(
             f"{component:<13} rank {part['rank']}, alpha {part['alpha']:g} (scale {part['scale']:g}), "
             + ("" if part["variant"] == "LoRA" else f"{part['variant']}, ")
-            + f"{part['layers']} layers ({', '.join(part['target_modules'])}), {part['parameters']:,} parameters"
+            + f"{part['layers']} layers ({printable(', '.join(part['target_modules']))}), "
+            f"{part['parameters']:,} parameters"
         )
-    lines.append(f"parameters    {info['parameters']:,}" + (f", lora-db {v}" if (v := info["lora_db_version"]) else ""))
+    version = f", lora-db {printable(v)}" if (v := info["lora_db_version"]) else ""
+    lines.append(f"parameters    {info['parameters']:,}{version}")
     return lines
 
 

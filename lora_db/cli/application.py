@@ -7,9 +7,12 @@ permission) is one line too, and so is an unexpected error: no path shows a trac
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import select
+import signal
 import sys
 import threading
 from typing import Annotated
@@ -21,7 +24,7 @@ from lora_db.cli.evaluate import app as eval_commands
 from lora_db.cli.train import app as train_commands
 from lora_db.errors import LoraDBError
 from lora_db.io import explain_os_error, os_error_of
-from lora_db.logs import quiet_library_logs
+from lora_db.logs import ESCAPE_CONTROLS, printable_line, quiet_library_logs
 
 app = typer.Typer(
     name="lora-db",
@@ -46,6 +49,7 @@ def _root(
     if debug:
         os.environ[_DEBUG_ENV] = "1"
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("lora_db").addFilter(ESCAPE_CONTROLS)
     quiet_library_logs()
 
 
@@ -63,15 +67,73 @@ def _thread_error(args) -> None:
     typer.echo(f"warning: {name} stopped: {_one_line(args.exc_value)}", err=True)
 
 
+STDOUT_CLOSED_EXIT = 128 + signal.SIGPIPE  # what a Unix tool killed by SIGPIPE exits with (`yes | head -1`)
+
+
+class Stopped(LoraDBError):
+    """A stop signal outside training's loop: raised where the program is, so that every temporary file and lock is
+    cleaned up on the way out (the default action of SIGTERM kills without that)."""
+
+    def __init__(self, signum: int):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name}; nothing half-written is left (outputs are written whole or "
+            "not at all)"
+        )
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_stop_cleanly():
+    """SIGINT, SIGTERM and SIGHUP raise Stopped for every command (training's loop installs its own handlers)."""
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    signums = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, stop) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`lora-db ... | head -1`)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.__stdout__.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_working_directory() -> None:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise LoraDBError(
+            "the current folder no longer exists (it was deleted or moved); cd into an existing folder and run again"
+        ) from None
+
+
 def main() -> None:
     threading.excepthook = _thread_error
     try:
-        app()
+        _check_working_directory()
+        with _signals_stop_cleanly():
+            app()
+    except SystemExit:
+        if _stdout_closed():  # the output's reader is gone: end as quietly as any Unix tool does
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+            sys.exit(STDOUT_CLOSED_EXIT)
+        raise
     except LoraDBError as err:
         if _debug_enabled():
             raise
         if not getattr(err, "quiet", False):
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {printable_line(str(err))}", err=True)
         sys.exit(getattr(err, "exit_code", 1))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -79,7 +141,7 @@ def main() -> None:
     except Exception as err:
         if _debug_enabled():
             raise
-        typer.echo(f"error: {_one_line(err)}", err=True)
+        typer.echo(f"error: {printable_line(_one_line(err))}", err=True)
         sys.exit(1)
 
 
@@ -90,6 +152,11 @@ def _one_line(err: Exception) -> str:
         if os_error.errno in (errno.ENOSPC, errno.EDQUOT) or (where and os_error.errno == errno.EROFS):
             return str(explain_os_error(os_error, where or "a file"))
         return f"{where}: {os_error.strerror or os_error}" if where else f"{os_error.strerror or os_error}"
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return (
+            "out of memory: use --mixed-precision bf16 or --quantize-base nf4, fewer --num-images, or a machine with "
+            "more memory (for training, `lora-db estimate` predicts the peak)"
+        )
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return (
         f"unexpected {type(err).__name__}{': ' + detail if detail else ''} "

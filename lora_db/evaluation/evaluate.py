@@ -32,7 +32,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from PIL import Image
 
 from lora_db.adapters.format import read_adapter
 from lora_db.adapters.hotswap import AdapterSet, default_device, quantize_for, resolve_model
-from lora_db.adapters.spec import AdapterFile, LoraSpec
+from lora_db.adapters.spec import AdapterFile, checked_adapter, parse_spec
 from lora_db.config.evaluate import EvalConfig
 from lora_db.config.train import TEXT_ENCODER_TARGETS
 from lora_db.errors import LoraDBError
@@ -73,6 +73,7 @@ from lora_db.models.sampling import generate_images
 
 EVAL_MARKER = "eval.json"
 GRID_MIN_CELL = 96
+TRAIN_CONFIG_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "target_modules", "dropout": "lora_dropout"}
 REAL_PHOTOS, CEILING = "real photos", "ceiling (VAE round trip)"  # the grid rows above a subject prompt's models
 
 
@@ -90,7 +91,8 @@ class Candidate:
 
 
 def checkpoint_adapter(checkpoint: Path, run_config: dict):
-    """A training checkpoint's LoRA weights as an AdapterFile, with the spec from the run's config.json."""
+    """A training checkpoint's LoRA weights as an AdapterFile, with the spec from the run's config.json, checked as
+    every adapter is."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -98,24 +100,19 @@ def checkpoint_adapter(checkpoint: Path, run_config: dict):
         trainable = load_file(str(checkpoint / "trainable.safetensors"))
     except (OSError, SafetensorError) as err:
         raise LoraDBError(f"{checkpoint}: unreadable trainable.safetensors ({err})") from None
-    rank, alpha = int(run_config["rank"]), float(run_config.get("alpha") or run_config["rank"])
-    dropout = float(run_config.get("lora_dropout", 0.0))
-    targets = {"unet": tuple(run_config["target_modules"]), "text_encoder": TEXT_ENCODER_TARGETS}
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in trainable.items():
-        component, _, name = key.partition(".")
-        # Parameter names carry peft's adapter name ("lora_A.default.weight"); files do not.
-        tensors.setdefault(component, {})[name.replace(".default.", ".")] = tensor
-    variant = {"use_dora": bool(run_config.get("use_dora")), "use_rslora": bool(run_config.get("use_rslora"))}
-    specs = {c: LoraSpec(rank, alpha, targets[c], dropout, **variant) for c in tensors}
+    where = str(checkpoint.parent / "config.json")
+    flat = {key.replace(".default.", "."): tensor for key, tensor in trainable.items()}  # peft's adapter name
+    components = dict.fromkeys(key.partition(".")[0] for key in flat)
+    unet = parse_spec(run_config, where, TRAIN_CONFIG_KEYS)
+    specs = {"unet": unet, "text_encoder": replace(unet, target_modules=TEXT_ENCODER_TARGETS)}
     step = int(checkpoint.name.removeprefix("checkpoint-"))
     metadata = {
-        "base_model": run_config.get("model", ""),
+        "base_model": str(run_config.get("model") or ""),
         "steps": str(step),
-        "instance_prompt": run_config.get("instance_prompt") or "",
-        "class_prompt": run_config.get("class_prompt") or "",
+        "instance_prompt": str(run_config.get("instance_prompt") or ""),
+        "class_prompt": str(run_config.get("class_prompt") or ""),
     }
-    return AdapterFile(path=checkpoint, tensors=tensors, specs=specs, metadata=metadata)
+    return checked_adapter(checkpoint, flat, {c: specs.get(c) or unet for c in components}, metadata)
 
 
 def expand_adapters(values: Sequence[str]) -> list[Candidate]:
@@ -149,6 +146,8 @@ def _run_candidates(run: Path, checkpoints: list[Path], adapter_file: str, read_
         run_config = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:
         raise LoraDBError(f"--adapter {run}: cannot read its config.json ({err})") from None
+    if not isinstance(run_config, dict):
+        raise LoraDBError(f"--adapter {run}: its config.json is not a table of options; not a lora-db run")
     if run_config.get("method", "lora") != "lora":
         raise LoraDBError(f"--adapter {run}: a --method full run has no adapter; evaluate a LoRA run")
     name = _slug(run.name)

@@ -49,6 +49,11 @@ def random_preset(model: str) -> str | None:
     return None
 
 
+def is_built_in(model: str) -> bool:
+    """Whether `model` names one of lora-db's own models (built in code, or shipped), no folder or hub repository."""
+    return model in ("tiny", TINY_WORLD) or (model.startswith(RANDOM_PREFIX) and model[len(RANDOM_PREFIX) :] in PRESETS)
+
+
 def _unreachable(model: str, err: Exception) -> LoraDBError:
     return LoraDBError(
         f"--model {model}: cannot load it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
