@@ -236,6 +236,15 @@ def save_png(image: Image.Image, path: str | Path, text: Mapping[str, object] | 
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG (what `save_png` recorded); empty for other formats or an unreadable file."""
+    try:
+        with Image.open(path) as image:
+            return dict(getattr(image, "text", None) or {})
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return {}
+
+
 LABEL_FONT_SIZE = 13
 
 

@@ -337,8 +337,9 @@ def test_stop_signals_before_training_stop_at_once_and_during_it_ask_for_a_check
         stop.armed = True
         os.kill(os.getpid(), signum)
         assert stop.is_set() and stop.name == signal.Signals(signum).name
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signum)  # a second signal stops at once
+        with pytest.raises(TrainingInterrupted, match=f"^stopped at once by a second {signum.name}, without") as err:
+            os.kill(os.getpid(), signum)  # a second signal stops at once, with one line
+        assert err.value.exit_code == 128 + signum
 
 
 def test_a_slow_checkpoint_is_reported_with_the_time_a_stop_signal_needs(caplog):
@@ -378,7 +379,7 @@ def test_sigterm_and_sighup_save_a_checkpoint_and_the_run_resumes(instance_dir, 
     assert len(errors) == 1 and "Traceback" not in stderr
     assert errors[0].startswith(f"error: stopped by {name} at step ")
     assert "--resume-from-checkpoint latest" in errors[0] and " s; continue" in errors[0]
-    assert f"{name}: stopping after this step to save a checkpoint (a step takes ~" in stderr
+    assert f"{name}: stopping after this micro-batch to save a checkpoint (a step takes ~" in stderr
     saved = list(out.glob("checkpoint-*"))
     assert len(saved) == 1
     step = int(saved[0].name.split("-")[1])
@@ -426,7 +427,7 @@ def finished_run(four_step_run, tiny_config, tmp_path):
     [
         ({"rank": 8}, "--rank 8 (the checkpoint has 4)"),
         ({"target_modules": ["to_q"]}, "--target-modules to_q (the checkpoint has to_q,to_k,to_v,to_out.0)"),
-        ({"learning_rate": 1e-3}, "--learning-rate 0.001 (the checkpoint has 0.005)"),
+        ({"learning_rate": 1e-2}, "--learning-rate 0.01 (the checkpoint has 0.005; a resumed run may only lower it)"),
         ({"model": "random:small"}, "--model random:small (the checkpoint has tiny)"),
     ],
 )

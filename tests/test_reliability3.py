@@ -7,9 +7,11 @@ files, untrusted text on the terminal, and specific one-line errors where "unexp
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -370,3 +372,316 @@ def test_a_base_model_named_by_a_file_is_never_loaded_without_model(adapter_file
     from lora_db.adapters.hotswap import resolve_model
 
     assert resolve_model(None, [read_adapter(built_in)]) == "tiny"  # lora-db's own builds load nothing from outside
+
+
+# -- divergence cannot pass as success ------------------------------------------------------------------------------
+
+
+def test_a_diverged_run_never_exits_0(instance_dir, tmp_path, monkeypatch, capsys):
+    from lora_helpers import train_command
+
+    out = tmp_path / "out"
+    code, _, lines = run_cli(monkeypatch, capsys, *train_command(instance_dir, out), "--learning-rate", "1e10",
+                             "--max-train-steps", "1")  # fmt: skip
+    errors = [line for line in lines if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, lines
+    assert errors[0].startswith("error: training diverged at step 1: unet.") and "holds values up to " in errors[0]
+    assert "lower --learning-rate 1e+10" in errors[0] and "start afresh with --overwrite" in errors[0]
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_no_checkpoint_after_divergence_is_kept_and_the_last_good_resumes_with_a_lower_rate(tiny_config):
+    from lora_db.adapters.format import read_adapter
+    from lora_db.layout import list_checkpoints
+    from lora_db.training.divergence import Diverged
+    from lora_db.training.loop import train
+
+    # Warm-up from a learning rate of 0: step 1 changes nothing, step 2 at 5e9 explodes.
+    diverging = {"learning_rate": 1e10, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2}
+    config = tiny_config(max_train_steps=4, checkpointing_steps=1, **diverging)
+    with pytest.raises(Diverged, match="training diverged at step 2: ") as err:
+        train(config)
+    first = config.output_dir / "checkpoint-1"
+    assert f"resume the last good checkpoint with --resume-from-checkpoint {first} and a lower" in str(err.value)
+    assert list_checkpoints(config.output_dir) == [first]
+    assert not (config.output_dir / "adapter.safetensors").exists()
+    with pytest.raises(LoraDBError, match="a resumed run may only lower it"):
+        train(tiny_config(**{**diverging, "learning_rate": 2e10}, max_train_steps=4, resume_from_checkpoint="latest"))
+    resumed = train(tiny_config(**{**diverging, "learning_rate": 5e-3}, max_train_steps=4,
+                                resume_from_checkpoint="latest"))  # fmt: skip
+    assert resumed.steps == 4 and read_adapter(resumed.adapter_path).metadata["steps"] == "4"
+    rates = [json.loads(line)["lr"] for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([5e9, 5e-3, 5e-3, 5e-3])  # each the next step's rate: the lower one from step 2
+
+
+def test_a_non_finite_loss_retires_the_checkpoint_of_the_weights_that_made_it(tiny_config, tmp_path):
+    import torch
+
+    from lora_db.layout import CHECKPOINT_MARKER, list_checkpoints
+    from lora_db.training.divergence import Diverged, check_loss
+
+    config = tiny_config(output_dir=tmp_path / "run", alpha=512.0)
+    for step in (1, 2):
+        (config.output_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (config.output_dir / f"checkpoint-{step}" / CHECKPOINT_MARKER).write_text("{}")
+    with pytest.raises(Diverged) as err:
+        check_loss(config, torch.tensor(float("nan")), weights_step=2)  # step 3's loss, from step 2's weights
+    message = str(err.value)
+    assert message.startswith("training diverged at step 2: the loss became nan; --alpha 512 over --rank 4 scales")
+    assert [p.name for p in list_checkpoints(config.output_dir)] == ["checkpoint-1"]
+    assert (config.output_dir / "abandoned" / "checkpoint-2").is_dir()
+    with pytest.raises(LoraDBError, match=r"--alpha must be in \(0, 10000.0\]"):
+        tiny_config(alpha=1e300)
+
+
+# -- signals --------------------------------------------------------------------------------------------------------
+
+
+def test_a_stop_request_is_answered_within_one_micro_batch_and_resumes_exactly(tiny_config, monkeypatch):
+    import signal
+
+    import lora_db.training.loop as loop
+    from lora_db.training.stopping import TrainingInterrupted
+
+    calls = []
+    real = loop.micro_batch_loss
+
+    def counted(run, micro_step):
+        calls.append(micro_step)
+        if micro_step == 5 and signal_at_five:  # step 2's second micro-batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run, micro_step)
+
+    monkeypatch.setattr(loop, "micro_batch_loss", counted)
+    options = {"gradient_accumulation_steps": 4, "max_train_steps": 3, "lora_dropout": 0.1, "random_flip": True}
+    signal_at_five = False
+    straight = loop.train(tiny_config(output_dir=tiny_config().output_dir.parent / "straight", **options)).losses
+    signal_at_five, calls[:] = True, []
+    with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGTERM at step 1; checkpoint saved to ") as err:
+        loop.train(tiny_config(**options))
+    assert err.value.exit_code == 128 + signal.SIGTERM
+    assert calls == [0, 1, 2, 3, 4, 5], "no micro-batch after the one that was running"
+    signal_at_five = False
+    loop.train(tiny_config(**options, resume_from_checkpoint="latest"))
+    metrics = (tiny_config().output_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["loss"] for line in metrics] == straight
+
+
+def test_sigterm_during_sample_leaves_no_temporary_folder_and_no_lock(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from processes import spawn
+
+    from lora_db.locks import lock_path
+
+    out = tmp_path / "samples"
+    command = [sys.executable, "-m", "lora_db.cli", "sample", "--model", "tiny", "--prompt", "x", "--num-images", "50",
+               "--num-inference-steps", "1000", "--out", str(out)]  # fmt: skip
+    with spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob(".samples.*.tmp")):
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".samples.*.tmp")) and lock_path(out).exists()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: stopped by SIGTERM; nothing half-written is left (outputs are written whole or not at all)"
+    ]
+    assert "Traceback" not in stderr and sorted(tmp_path.iterdir()) == []
+
+
+def test_a_closed_stdout_ends_quietly(adapter_file):
+    import subprocess
+
+    from processes import spawn
+
+    with spawn([sys.executable, "-m", "lora_db.cli", "info", str(adapter_file)], stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE) as process:  # fmt: skip
+        process.stdout.close()  # `lora-db info ... | head -0`: the reader is gone before anything is printed
+        stderr = process.communicate(timeout=120)[1].decode()
+    assert (process.returncode, stderr) == (141, "")
+
+
+def test_a_failed_write_rescues_the_weights_as_a_full_disk_does(tiny_config, monkeypatch):
+    import errno
+
+    import lora_db.training.loop as loop
+    from lora_db.adapters.format import read_adapter
+    from lora_db.io import WriteError, explain_os_error
+
+    real, lines = loop.append_line, []
+
+    def immutable(path, line):  # the folder made immutable (chattr +i) after step 2's metrics
+        if len(lines) == 2:
+            raise explain_os_error(OSError(errno.EPERM, "Operation not permitted"), path)
+        lines.append(line)
+        real(path, line)
+
+    monkeypatch.setattr(loop, "append_line", immutable)
+    config = tiny_config(max_train_steps=5, checkpointing_steps=1)
+    with pytest.raises(WriteError) as err:
+        loop.train(config)
+    message = str(err.value)
+    assert message.startswith(f"cannot write {config.output_dir / 'metrics.jsonl'}: permission denied")
+    rescued = message.split("were saved to ")[1].split(" instead")[0]
+    assert read_adapter(rescued).metadata["steps"] == "3" and "once it is writable again" in message
+    assert f"the last checkpoint is {config.output_dir / 'checkpoint-2'}" in message
+
+
+# -- one line instead of "unexpected ..." ---------------------------------------------------------------------------
+
+
+def test_out_of_memory_while_setting_up_is_one_line(tiny_config, monkeypatch):
+    import torch
+
+    import lora_db.training.loop as loop
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loop, "setup_run", oom)
+    with pytest.raises(LoraDBError, match=r"^out of cpu memory while setting up .*: try --mixed-precision bf16"):
+        loop.train(tiny_config(max_train_steps=1))
+
+
+def test_a_deleted_working_folder_is_one_line(tmp_path):
+    from processes import run
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (
+        f"import os; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); from lora_db.cli.application import main; main()"
+    )
+    result = run([sys.executable, "-c", script, "info", "x.safetensors"], timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith("error: the current folder no longer exists"), (
+        result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ["--text-encoder-learning-rate", "1e-3"],
+            "--text-encoder-learning-rate sets the text-encoder LoRA's rate: add",
+        ),
+        (["--output-dir", "out\udcff"], "--output-dir out\\xff is not valid UTF-8"),
+    ],
+)
+def test_options_that_would_be_ignored_or_break_later_are_refused(
+    instance_dir, tmp_path, monkeypatch, capsys, args, fragment
+):
+    from lora_helpers import train_command
+
+    monkeypatch.chdir(tmp_path)  # a refused relative --output-dir would otherwise land in the checkout
+    command = train_command(instance_dir, tmp_path / "out") + args
+    code, _, lines = run_cli(monkeypatch, capsys, *command)
+    assert code == 1 and len(lines) == 1 and fragment in lines[0], lines
+
+
+# -- values read from files; ranges against what the input holds ---------------------------------------------------
+
+
+def test_a_toml_option_given_twice_under_either_spelling_is_refused(tmp_path):
+    from lora_db.config.train import TrainConfig
+
+    config = tmp_path / "run.toml"
+    config.write_text("learning-rate = 1e-4\nlearning_rate = 5e-3\n")
+    with pytest.raises(LoraDBError, match="'learning-rate' and 'learning_rate' are the same option, given twice"):
+        TrainConfig.from_sources(config)
+
+
+def test_toml_paths_expand_home_and_variables_as_the_shell_does(tmp_path, monkeypatch):
+    from lora_db.config.train import TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'output-dir = "~/x"\ninstance-dir = "$RUNS/photos"\nclass-dir = "${RUNS}/classes"\nclass-prompt = "a dog"\n'
+        'init-adapter = "~/a.safetensors"\nresume-from-checkpoint = "$RUNS/x/checkpoint-2"\nmodel = "~/unidiffuser"\n'
+    )
+    loaded = TrainConfig.from_sources(config)
+    assert loaded.output_dir == tmp_path / "home" / "x" and loaded.instance_dir == tmp_path / "runs" / "photos"
+    assert loaded.class_dir == tmp_path / "runs" / "classes" and loaded.init_adapter == tmp_path / "home/a.safetensors"
+    assert loaded.resume_from_checkpoint == str(tmp_path / "runs/x/checkpoint-2")
+    assert loaded.model == str(tmp_path / "home/unidiffuser")
+    config.write_text('output-dir = "$NOT_SET_ANYWHERE/x"\n')
+    with pytest.raises(LoraDBError, match=r"output-dir: \$NOT_SET_ANYWHERE is not set in the environment"):
+        TrainConfig.from_sources(config)
+
+
+def test_a_combined_rank_above_what_the_adapters_hold_is_refused(adapter_file, tmp_path):
+    from lora_db.adapters.merge import write_combined
+    from lora_db.config.commands import MergeConfig
+
+    out = tmp_path / "both.safetensors"
+    adapters = [str(adapter_file), f"{adapter_file}:0.5"]
+    with pytest.raises(LoraDBError, match=r"--rank 100000: the adapters. updates have rank unet 8 at most .* pass "
+                       r"--rank 8 or less, or leave --rank out"):  # fmt: skip
+        write_combined(MergeConfig(adapters=adapters, into_adapter=out, rank=100000))
+    assert not out.exists()
+    assert write_combined(MergeConfig(adapters=adapters, into_adapter=out, rank=8)).ranks == {"unet": 8}
+
+
+@pytest.mark.parametrize("size", ["0GB", "0", "0.0001KB"])
+def test_an_empty_gpu_memory_is_refused(monkeypatch, capsys, size):
+    code, _, lines = run_cli(monkeypatch, capsys, "estimate", "--model", "tiny", "--gpu-memory", size)
+    assert code == 2 and any("holds nothing; give the GPU's memory, e.g. 24GB" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info", ""],
+        ["export", "{a}", ""],
+        ["sample", "--model", "tiny", "--prompt", "x", "--out", "{o}", "--adapter", ""],
+        ["sample", "--model", "tiny", "--prompt", "x", "--out", "{o}", "--prompts-file", ""],
+        ["merge", "--adapter", "", "--into-adapter", "{o}.safetensors"],
+        ["eval", "--instance-dir", "", "--prompt", "x", "--out", "{o}"],
+        ["demo-images", ""],
+    ],
+)
+def test_an_empty_path_is_never_the_current_folder(adapter_file, tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    args = [part.format(a=adapter_file, o=tmp_path / "out") for part in command]
+    code, _, lines = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and len(lines) == 1 and " is empty" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- class images recorded as they are written ----------------------------------------------------------------------
+
+
+def test_an_interrupted_class_generation_leaves_no_image_taken_for_a_users_photo(pristine, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import lora_db.training.class_images as class_images
+    from lora_db.images import save_png
+
+    folder = tmp_path / "classes"
+    written = []
+
+    def killed_after_two(image, path, text):
+        written.append(save_png(image, path, text))
+        if len(written) == 2:
+            raise KeyboardInterrupt  # SIGKILL's stand-in: the batch of 3 never finishes
+
+    monkeypatch.setattr(class_images, "save_png", killed_after_two)
+    plan = class_images.plan_class_images(folder, "a photo of a dog", "tiny", 3)
+    with pytest.raises(KeyboardInterrupt):
+        class_images.generate_class_images(pristine, plan, seed=0, num_inference_steps=1, batch_size=3)
+    cats = class_images.plan_class_images(folder, "a photo of a cat", "tiny", 3)
+    assert (cats.own, cats.foreign) == ([], 2), "the dog images are not the user's cat photos"
+    assert len(class_images.plan_class_images(folder, "a photo of a dog", "tiny", 3).reused) == 2
+
+    (folder / class_images.MANIFEST).unlink()  # as an older lora-db left it: images its manifest never listed
+    Image.new("RGB", (8, 8)).save(folder / "mine.png")
+    cats = class_images.plan_class_images(folder, "a photo of a cat", "tiny", 3)
+    assert ([p.name for p in cats.own], cats.foreign) == (["mine.png"], 2)
+    dogs = class_images.plan_class_images(folder, "a photo of a dog", "tiny", 3)
+    assert sorted(p.name for p in dogs.reused) == sorted(p.name for p in written)

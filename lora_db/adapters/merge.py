@@ -263,14 +263,23 @@ def combine_adapters(adapters: Weighted, rank: int | None = None) -> Combined:
     specs: dict[str, LoraSpec] = {}
     lost = kept = 0.0
     worst = ("", 0.0)
-    for component in dict.fromkeys(c for adapter, _ in adapters for c in adapter.specs):
+    components = dict.fromkeys(c for adapter, _ in adapters for c in adapter.specs)
+    factors_of = {c: _concatenated_factors([(a, w) for a, w in adapters if c in a.specs], c) for c in components}
+    most = {c: _rank_held(factors) for c, factors in factors_of.items()}
+    if rank is not None and rank > max(most.values()):
+        held = ", ".join(f"{c} {r}" for c, r in most.items())
+        raise LoraDBError(
+            f"--rank {rank}: the adapters' updates have rank {held} at most (their ranks concatenated, the narrowest "
+            f"layer included), so more would only pad the file with zeros; pass --rank {max(most.values())} or less, "
+            "or leave --rank out for the exact combination"
+        )
+    for component, factors in factors_of.items():
         parts = [(a, w) for a, w in adapters if component in a.specs]
-        factors = _concatenated_factors(parts, component)
-        new_rank = rank or sum(a.specs[component].rank for a, _ in parts)
+        new_rank = sum(a.specs[component].rank for a, _ in parts) if rank is None else min(rank, most[component])
         tensors[component] = {}
         for module, (lora_b, lora_a) in factors.items():
             if rank is not None:
-                lora_b, lora_a, module_lost, module_total = best_low_rank(lora_b, lora_a, rank)
+                lora_b, lora_a, module_lost, module_total = best_low_rank(lora_b, lora_a, new_rank)
                 lost, kept = lost + module_lost, kept + module_total
                 error = math.sqrt(module_lost / module_total) if module_total > 0 else 0.0
                 worst = max(worst, (f"{component}.{module}", error), key=lambda pair: pair[1])
@@ -279,6 +288,11 @@ def combine_adapters(adapters: Weighted, rank: int | None = None) -> Combined:
         targets = dict.fromkeys(t for a, _ in parts for t in a.specs[component].target_modules)
         specs[component] = LoraSpec(new_rank, float(new_rank), tuple(targets))
     return Combined(tensors, specs, math.sqrt(lost / kept) if kept > 0 else 0.0, worst)
+
+
+def _rank_held(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The highest rank any concatenated B @ A can have: its stacked rank, or a layer's narrower side."""
+    return max(min(b.shape[1], b.shape[0], a.shape[1]) for b, a in factors.values())
 
 
 def _concatenated_factors(parts: Weighted, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

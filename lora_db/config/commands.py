@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lora_db.config.fields import MAX_SEED, MixedPrecision, Quantization, check_numbers, option
+from lora_db.config.fields import MAX_SEED, MixedPrecision, Quantization, check_numbers, check_text, option
 from lora_db.errors import LoraDBError
 
 
@@ -77,6 +77,7 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.out is None or not str(self.out).strip():
             raise LoraDBError("--out is required: the folder to write the samples into")
+        check_text(self)
         self.out = Path(self.out)
         self.choices = [WeightedAdapter.parse(text) for text in self.adapters] or [WeightedAdapter(None)]
         check_numbers(self)
@@ -122,6 +123,7 @@ class MergeConfig:
     overwrite: bool = option(False, "Replace an output lora-db wrote before.")
 
     def __post_init__(self) -> None:
+        check_text(self)
         self.choices = [WeightedAdapter.parse(text) for text in self.adapters]
         if not self.choices:
             raise LoraDBError("--adapter is required: name at least one adapter file to merge")
@@ -148,6 +150,10 @@ class InfoConfig:
     file: Path = option(None, "Adapter file (.safetensors) or exported peft folder.", argument=True, required=True)
     as_json: bool = option(False, "Print the description as JSON.", flag="json")
 
+    def __post_init__(self) -> None:
+        check_text(self)
+        self.file = Path(self.file)
+
 
 @dataclass
 class ExportConfig:
@@ -162,6 +168,7 @@ class ExportConfig:
         for name in ("adapter", "out"):
             if not str(getattr(self, name) or "").strip():
                 raise LoraDBError(f"{name.upper()} is empty; name a file or folder")
+        check_text(self)
         self.adapter, self.out = Path(self.adapter), Path(self.out)
 
 
@@ -173,5 +180,6 @@ class DemoImagesConfig:
     seed: int = option(0, "Same seed, same photos.", minimum=0, maximum=MAX_SEED)
 
     def __post_init__(self) -> None:
+        check_text(self)
         check_numbers(self)
         self.folder = Path(self.folder)

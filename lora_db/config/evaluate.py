@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lora_db.config.fields import MAX_SEED, Quantization, check_numbers, option
+from lora_db.config.fields import MAX_SEED, Quantization, check_numbers, check_text, option
 from lora_db.errors import LoraDBError
 
 
@@ -71,6 +71,7 @@ class EvalConfig:
             raise LoraDBError("--out is required: the folder to write the evaluation into")
         if self.instance_dir is None:
             raise LoraDBError("--instance-dir is required: CLIP-I compares samples with the real photos")
+        check_text(self)
         if not self.prompts:
             raise LoraDBError('--prompt is required, e.g. --prompt "a photo of sks robot"')
         if any(not text.strip() for text in self.describe):

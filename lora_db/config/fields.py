@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import tomllib
 import types
 import typing
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_db.errors import LoraDBError
+from lora_db.logs import escape_controls, printable
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Quantization = Literal["none", "nf4", "int8"]
@@ -60,6 +63,25 @@ def cli_flag(name: str) -> str:
 
 def field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_text(options: Any) -> None:
+    """Every text value of a config dataclass (paths, prompts, list items): never empty (an empty path would quietly
+    mean the current folder) and valid UTF-8 (a name with other bytes cannot be written into the run's records)."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        flag = f.name.upper() if f.metadata.get("argument") else "--" + flag_name(f)
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str | Path):
+                continue
+            text = str(item)
+            if not text.strip():
+                raise LoraDBError(f'{flag} is empty; give it a value (a path: "." for the current folder)')
+            if any("\udc80" <= ch <= "\udcff" for ch in text):
+                raise LoraDBError(
+                    f"{flag} {escape_controls(text)} is not valid UTF-8 (bytes shown as \\xNN); rename it with UTF-8 "
+                    "characters, or choose another"
+                )
 
 
 def check_numbers(options: Any) -> None:
@@ -141,13 +163,38 @@ def read_toml(path: Path, cls: type) -> dict[str, Any]:
         raise LoraDBError(f"--config {path}: not valid TOML ({err})") from None
     hints = field_types(cls)
     values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in hints:
             known = ", ".join(sorted(n.replace("_", "-") for n in hints))
-            raise LoraDBError(f"--config {path}: unknown key {key!r}; known keys: {known}")
+            raise LoraDBError(f"--config {path}: unknown key {printable(key)!r}; known keys: {known}")
+        if name in spelled:
+            raise LoraDBError(
+                f"--config {path}: {spelled[name]!r} and {key!r} are the same option, given twice; keep one"
+            )
+        spelled[name] = key
         values[name] = _coerce(path, key, value, hints[name])
+        if isinstance(values[name], str) and (option_type(hints[name])[0] is Path or name in PATH_TEXT):
+            values[name] = expand_path(values[name], f"--config {path}: {key}")
     return values
+
+
+PATH_TEXT = ("model", "resume_from_checkpoint")  # text options that may name a folder: expanded like paths
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def expand_path(text: str, where: str) -> str:
+    """`~`, `~user`, `$NAME` and `${NAME}` expanded as a shell expands them on the command line; an unset
+    variable is an error (the shell would leave an empty string, Python the text "$NAME")."""
+
+    def variable(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise LoraDBError(f"{where}: ${name} is not set in the environment; set it, or write the path out")
+        return os.environ[name]
+
+    return os.path.expanduser(_VARIABLE.sub(variable, text))
 
 
 def _coerce(path: Path, key: str, value: Any, annotation: Any) -> Any:

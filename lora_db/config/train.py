@@ -17,6 +17,7 @@ from lora_db.config.fields import (
     MixedPrecision,
     Quantization,
     check_numbers,
+    check_text,
     cli_flag,
     from_sources,
     option,
@@ -107,7 +108,7 @@ class TrainConfig:
     )
     rank: int = option(4, "LoRA rank r: adapter size grows linearly with it.", "Adapter", minimum=1)
     alpha: float | None = option(
-        None, "LoRA alpha; the update is scaled by alpha / rank. Defaults to rank.", "Adapter", above=0
+        None, "LoRA alpha; the update is scaled by alpha / rank. Defaults to rank.", "Adapter", above=0, maximum=1e4
     )
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch input.", "Adapter", minimum=0, below=1)
     target_modules: list[str] = option(
@@ -259,6 +260,7 @@ class TrainConfig:
                 raise LoraDBError(f'{cli_flag(name)} is empty; pass a folder ("." for the current one)')
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
+        check_text(self)
         check_numbers(self)
         self._check()
 
@@ -311,6 +313,8 @@ class TrainConfig:
             if not self.init_adapter.strip():
                 fail("--init-adapter is empty; give an adapter file (.safetensors) or exported peft folder")
             self.init_adapter = Path(self.init_adapter)
+        if self.text_encoder_learning_rate is not None and not self.train_text_encoder:
+            fail("--text-encoder-learning-rate sets the text-encoder LoRA's rate: add --train-text-encoder, or drop it")
         if self.hub_private and not self.push_to_hub:
             fail("--hub-private goes with --push-to-hub REPO (the repository to create)")
         if self.push_to_hub is not None and not HUB_REPO.fullmatch(self.push_to_hub):

@@ -148,11 +148,24 @@ def trainable_state(models) -> dict[str, torch.Tensor]:
     return {f"{c}.{n}": p for c, m in models.trained.items() for n, p in m.named_parameters() if p.requires_grad}
 
 
-def rng_state(generator: torch.Generator, accelerator) -> dict[str, torch.Tensor]:
-    """Every process's noise generator and torch RNG (for LoRA dropout), gathered onto the main process."""
+def local_rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """This process's noise generator and torch RNG (for LoRA dropout)."""
     local = {"noise": generator.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         local["cuda"] = torch.cuda.get_rng_state()
+    return local
+
+
+def set_local_rng_state(generator: torch.Generator, state: dict[str, torch.Tensor]) -> None:
+    generator.set_state(state["noise"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rng_state(generator: torch.Generator, accelerator) -> dict[str, torch.Tensor]:
+    """Every process's `local_rng_state`, gathered onto the main process."""
+    local = local_rng_state(generator)
     return {name: accelerator.gather(state.to(accelerator.device)[None]).cpu() for name, state in local.items()}
 
 

@@ -1,9 +1,11 @@
 """Class images for prior preservation: generated once per (class prompt, base model), recorded, reused.
 
 `CLASS_DIR/lora-db-class-images.json` lists every image lora-db generated there with the prompt, base model,
-seed and sampling steps that made it. A run uses the images made for its own prompt and model, generates only
-what is missing, and leaves images made for another prompt or model alone (they stay for the runs that want
-them). A folder without a manifest holds the user's own class photos: they are used as given.
+seed and sampling steps that made it; each is listed before its PNG is written, so a killed run leaves no image the
+manifest lacks. A run uses the images made for its own prompt and model, generates only what is missing, and
+leaves images made for another prompt or model alone (they stay for the runs that want them). An image the
+manifest does not list is the user's own class photo, used as given, unless its PNG text says lora-db generated it
+(an older lora-db, killed mid-batch): then it counts as generated for the prompt and model it names.
 
     plan = plan_class_images(class_dir, "a photo of a dog", model="thu-ml/unidiffuser-v1", wanted=200)
     generate_class_images(pipe, plan, seed=0, num_inference_steps=25, batch_size=4)
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_db.errors import LoraDBError
-from lora_db.images import CLASS_MANIFEST, find_images, save_png
+from lora_db.images import CLASS_MANIFEST, find_images, png_text, save_png
 from lora_db.io import atomic_write_json
 from lora_db.models.sampling import generate_images
 
@@ -81,7 +83,7 @@ def plan_class_images(folder: Path, prompt: str, model: str, wanted: int) -> Cla
     manifest = read_manifest(folder)
     plan = ClassImagePlan(folder, prompt, model, wanted, manifest=manifest)
     for path in find_images(folder, option="--class-dir", allow_empty=True):
-        entry = manifest.get(path.name)
+        entry = manifest.get(path.name) or generated_entry(path)
         if entry is None:
             plan.own.append(path)
         elif entry.get("prompt") == prompt and entry.get("model") == model:
@@ -89,6 +91,12 @@ def plan_class_images(folder: Path, prompt: str, model: str, wanted: int) -> Cla
         else:
             plan.foreign += 1
     return plan
+
+
+def generated_entry(path: Path) -> dict | None:
+    """What an image's PNG text says made it, if lora-db generated it; None for the user's own photos."""
+    text = png_text(path)
+    return {"prompt": text.get("prompt"), "model": text.get("model")} if text.get("generator") == "lora-db" else None
 
 
 def describe(plan: ClassImagePlan) -> list[str]:
@@ -118,7 +126,8 @@ def generate_class_images(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Path]:
-    """Generate `plan.missing` images; the manifest is rewritten after each batch, so a killed run loses none."""
+    """Generate `plan.missing` images; each is listed in the manifest before it is written, so a killed run leaves
+    none that a later run would take for the user's own photo."""
 
     numbers = (n for n in range(10**6) if not (plan.folder / _name(plan, n)).exists())
     written = []
@@ -139,10 +148,10 @@ def generate_class_images(
             )
         for number, image in zip(batch, images, strict=True):
             entry = {"prompt": plan.prompt, "model": plan.model, "seed": seed + number, "steps": num_inference_steps}
-            path = save_png(image, plan.folder / _name(plan, number), {**entry, "generator": "lora-db"})
-            plan.manifest[path.name] = entry
-            written.append(path)
-        atomic_write_json(plan.folder / MANIFEST, {"images": plan.manifest})
+            path = plan.folder / _name(plan, number)
+            plan.manifest[path.name] = entry  # listed first: no moment holds an image the manifest lacks
+            atomic_write_json(plan.folder / MANIFEST, {"images": plan.manifest})
+            written.append(save_png(image, path, {**entry, "generator": "lora-db"}))
         if on_batch is not None:
             on_batch(len(batch))
     plan.reused.extend(written)

@@ -176,7 +176,10 @@ def parse_memory(text: str) -> int:
     if not match:
         raise ValueError(f"{text!r} is not a memory size; write e.g. 24GB, 11.5GiB or 16000MB")
     number, unit = float(match.group(1)), (match.group(2) or "G").upper()
-    return int(number * 1024 ** "KMGT".index(unit) * 1024)
+    size = int(number * 1024 ** "KMGT".index(unit) * 1024)
+    if size <= 0:
+        raise ValueError(f"{text!r} holds nothing; give the GPU's memory, e.g. 24GB")
+    return size
 
 
 # -- the model, on no memory at all ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from lora_db.errors import LoraDBError
 from lora_db.images import image_grid, save_png
 from lora_db.io import (
     DiskFullError,
+    WriteError,
     append_line,
     atomic_directory,
     atomic_write_json,
@@ -48,17 +49,29 @@ from lora_db.models.objective import dreambooth_loss
 from lora_db.models.sampling import generate_images
 from lora_db.training.checkpoint import (
     TrainingState,
+    local_rng_state,
     resolve_checkpoint,
     restore,
     rng_state,
     save_checkpoint,
     scaler_state,
+    set_local_rng_state,
     trainable_state,
 )
 from lora_db.training.data import batch_indices
+from lora_db.training.divergence import check_loss, check_weights
 from lora_db.training.hub import push_run
 from lora_db.training.model_card import write_model_card
-from lora_db.training.resume import RUN_RECORD, check_resume, data_digest, retire_later_checkpoints, run_record
+from lora_db.training.resume import (
+    RUN_RECORD,
+    check_resume,
+    data_digest,
+    learning_rates,
+    lower_learning_rates,
+    read_run_record,
+    retire_later_checkpoints,
+    run_record,
+)
 from lora_db.training.setup import (
     FINAL_OUTPUTS,
     RUN_FILES,
@@ -144,6 +157,7 @@ def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
 
 def save_outputs(config: TrainConfig, models: Models, step: int) -> Path:
     """The run's result: the adapter file (LoRA) or a diffusers U-ViT folder (full fine-tuning)."""
+    check_weights(config, models, step)
     if config.method == "full":
         with atomic_directory(config.output_dir / "unet", replace=True) as tmp:
             models.unet.save_pretrained(tmp, safe_serialization=True)
@@ -219,22 +233,27 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
     return loss
 
 
-def optimizer_step(run: Run, step: int) -> torch.Tensor:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+class StepAbandoned(Exception):
+    """A stop request arrived between two micro-batches of a step: the step is dropped, not finished."""
+
+
+def optimizer_step(run: Run, step: int, stop_requested=lambda: False) -> torch.Tensor:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss.
+
+    `stop_requested` is asked before every micro-batch after the first: a stop signal is answered within one
+    micro-batch (a step of many can take minutes), by raising StepAbandoned with no update made."""
     config, accelerator = run.config, run.accelerator
     accumulation = config.gradient_accumulation_steps
     step_loss = torch.zeros((), device=accelerator.device)
     for micro in range(accumulation):
+        if micro > 0 and stop_requested():
+            raise StepAbandoned
         with contextlib.ExitStack() as stack:
             if micro < accumulation - 1:  # gradients are all-reduced only on the last micro-batch
                 for module in run.wrapped.values():
                     stack.enter_context(accelerator.no_sync(module))
             loss = micro_batch_loss(run, step * accumulation + micro)
-            if not torch.isfinite(loss):
-                raise LoraDBError(
-                    f"the loss became {loss.item()} at step {step + 1}: lower --learning-rate, or use bf16 instead "
-                    "of fp16; the checkpoints saved so far are intact"
-                )
+            check_loss(config, loss, step, accelerator.is_main_process)
             accelerator.backward(loss / accumulation)
         step_loss += loss.detach() / accumulation
     if config.max_grad_norm > 0:
@@ -307,6 +326,10 @@ def resume(run: Run, checkpoint: Path | None) -> int:
             checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator, config.seed
         )
         logger.info("resumed from %s at step %d", checkpoint, step)
+        saved = (read_run_record(checkpoint) or {}).get("config")
+        if saved is not None and learning_rates(saved) != learning_rates(config.to_dict()):
+            lower_learning_rates(run.optimizer, run.lr_scheduler, run.models.trained, saved, config.to_dict())
+            logger.info("learning rates lowered from the checkpoint's: %s", learning_rates(config.to_dict()))
         if config.lr_scheduler != "constant":
             logger.info("the %s learning-rate schedule spans %d steps", config.lr_scheduler, config.max_train_steps)
     if run.accelerator.is_main_process:
@@ -316,6 +339,7 @@ def resume(run: Run, checkpoint: Path | None) -> int:
 
 
 def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
+    check_weights(run.config, run.models, step, run.accelerator.is_main_process)
     rng = rng_state(run.generator, run.accelerator)  # a collective: every process takes part
     if not run.accelerator.is_main_process:
         return None
@@ -329,6 +353,24 @@ def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
     )
     records = {RUN_RECORD: record} if record is not None else None
     return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit, records)
+
+
+def stopped(run: Run, stop: StopRequest, step: int, record: dict | None, start_step: int) -> TrainingInterrupted:
+    """A stop signal after `step` finished steps: a checkpoint of them (none if this run finished none), and the
+    error that says where it is and how to continue."""
+    signal = stop.name or "a signal to another process"
+    resume = "continue with the same command and --resume-from-checkpoint latest"
+    if step == start_step:
+        done = "nothing was trained yet" if step == 0 else f"nothing new since step {step}; {resume}"
+        message = f"stopped by {signal} before step {step + 1} finished; {done}"
+    else:
+        started = time.perf_counter()
+        saved = checkpoint(run, step, record)
+        stop.note_checkpoint(time.perf_counter() - started, saved)
+        where = f"saved to {saved}" if saved is not None else "saved by the main process"
+        message = f"stopped by {signal} at step {step}; checkpoint {where} in {stop.checkpoint_s:.1f} s; {resume}"
+    # One message per run, from the process that saved.
+    return TrainingInterrupted(message, stop.signum or 15, quiet=not run.accelerator.is_main_process)
 
 
 def _is_main_launch_process() -> bool:
@@ -353,23 +395,25 @@ def train(config: TrainConfig) -> TrainResult:
             release_distributed_state(accelerator)
 
 
-def rescue_weights(config: TrainConfig, models: Models, step: int, err: LoraDBError) -> LoraDBError:
-    """The disk is full: save the trained weights where there is room; say where they and the last checkpoint are."""
+def rescue_weights(config: TrainConfig, models: Models, step: int, err: WriteError) -> WriteError:
+    """A write failed (a full disk, a folder made read-only or immutable): save the trained weights where they can
+    be written; say where they and the last checkpoint are."""
     checkpoints = list_checkpoints(config.output_dir)
     last = f"; the last checkpoint is {checkpoints[-1]}" if checkpoints else ""
+    fix = "once there is room" if isinstance(err, DiskFullError) else "once it is writable again"
     try:
         folder = Path(tempfile.mkdtemp(prefix="lora-db-rescue-"))
         rescued = save_outputs(replace(config, output_dir=folder), models, step)
     except (LoraDBError, OSError):
         advice = (
-            "free some space and run the same command with --resume-from-checkpoint latest"
+            f"run the same command with --resume-from-checkpoint latest {fix}"
             if checkpoints
             else "the weights of this run could not be kept anywhere"
         )
-        return DiskFullError(f"{err}{last}; {advice}")
-    return DiskFullError(
+        return type(err)(f"{err}{last}; {advice}")
+    return type(err)(
         f"{err}; the weights trained so far (step {step}) were saved to {rescued} instead: move them into "
-        f"{config.output_dir} once there is room{last}"
+        f"{config.output_dir} {fix}{last}"
     )
 
 
@@ -403,7 +447,15 @@ def release_distributed_state(accelerator) -> None:
 def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path | None) -> TrainResult:
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
-    run = setup_run(config, accelerator)
+    try:
+        run = setup_run(config, accelerator)
+    except (RuntimeError, MemoryError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        where = accelerator.device.type
+        raise LoraDBError(
+            f"out of {where} memory while setting up (loading the model): {memory_advice(config)}"
+        ) from None
     record = None
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -417,18 +469,19 @@ def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path
     start_step = resume(run, start_from)
     try:
         return _loop(run, stop, start_step, record)
-    except (DiskFullError, OSError) as err:
+    except (WriteError, OSError) as err:
         # Also what a library writes for us (a tracker's event file) fills the disk: the same message, the same rescue.
-        full = err if isinstance(err, DiskFullError) else _disk_full(err, config.output_dir)
-        if full is None:
+        failed = err if isinstance(err, WriteError) else _write_failure(err, config.output_dir)
+        if failed is None:
             raise
         if not accelerator.is_main_process or run.output_path is not None:
-            raise full from err
-        raise rescue_weights(config, run.models, run.steps_done, full) from err
+            raise failed from err
+        raise rescue_weights(config, run.models, run.steps_done, failed) from err
 
 
-def _disk_full(err: OSError, output_dir: Path) -> DiskFullError | None:
-    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+def _write_failure(err: OSError, output_dir: Path) -> WriteError | None:
+    """A library's own write that failed for want of space or a writable disk (a read error is no such thing)."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return None
     return explain_os_error(err, err.filename or output_dir)
 
@@ -468,14 +521,21 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
     with progress:  # closed on any way out, so an error line starts a line of its own
         while step < config.max_train_steps:
             started = time.perf_counter()
+            before = local_rng_state(run.generator) if config.gradient_accumulation_steps > 1 else None
             try:
-                loss = optimizer_step(run, step).item()
+                loss = optimizer_step(run, step, lambda: stop_requested(stop, accelerator)).item()
+            except StepAbandoned:
+                # The step's micro-batches are dropped and its random draws put back: resuming repeats it exactly.
+                run.optimizer.zero_grad(set_to_none=True)
+                set_local_rng_state(run.generator, before)
+                raise stopped(run, stop, step, record, start_step) from None
             except (RuntimeError, MemoryError) as err:
                 if not _is_out_of_memory(err):
                     raise
                 raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
             step += 1
             run.steps_done = step
+            check_weights(config, run.models, step, accelerator.is_main_process)
             losses.append(loss)
             stop.step_s = time.perf_counter() - started
             metrics = {
@@ -495,20 +555,11 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", peak=f"{metrics['peak_memory_bytes'] / 2**30:.2f}GiB")
 
-            stopping = stop_requested(stop, accelerator)
-            if stopping or (config.checkpointing_steps and step % config.checkpointing_steps == 0):
+            if stop_requested(stop, accelerator):
+                raise stopped(run, stop, step, record, start_step)
+            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
                 started = time.perf_counter()
-                saved = checkpoint(run, step, record)
-                stop.note_checkpoint(time.perf_counter() - started, saved)
-                if stopping:
-                    where = f"saved to {saved}" if saved is not None else "saved by the main process"
-                    raise TrainingInterrupted(
-                        f"stopped by {stop.name or 'a signal to another process'} at step {step}; checkpoint {where} "
-                        f"in {stop.checkpoint_s:.1f} s; continue with the same command and "
-                        "--resume-from-checkpoint latest",
-                        stop.signum or 15,
-                        quiet=not accelerator.is_main_process,  # one message per run, from the process that saved
-                    )
+                stop.note_checkpoint(time.perf_counter() - started, checkpoint(run, step, record))
             is_last = step == config.max_train_steps
             if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
                 if accelerator.is_main_process:

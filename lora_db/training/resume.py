@@ -5,6 +5,8 @@ caption it trained on (instance and class images). `--resume-from-checkpoint` th
 
 - may change: how long it runs, how often it checkpoints and validates, and memory options that leave the
   result the same (`RESUME_MAY_CHANGE`);
+- may lower: the learning rates (`RESUME_MAY_LOWER`), so that a run that diverged continues from its last good
+  checkpoint more slowly (`lower_learning_rates` rescales the optimizer and its schedule);
 - may not change: everything else (model, rank, targets, learning rate, seed, data, ...): refused in one line
   naming each option that differs, before any file of the run is touched.
 
@@ -64,6 +66,15 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
+RESUME_MAY_LOWER = ("learning_rate", "text_encoder_learning_rate")
+
+
+def learning_rates(options: dict[str, Any]) -> dict[str, float]:
+    """The learning rate of each trained component (the text encoder's defaults to --learning-rate)."""
+    unet = options.get("learning_rate")
+    return {"unet": unet, "text_encoder": options.get("text_encoder_learning_rate") or unet}
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.blake2b(digest_size=16)
     with path.open("rb") as f:
@@ -119,10 +130,33 @@ def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     """`--flag NEW (the checkpoint has OLD)` for each option that differs and may not change on resume."""
     changes = []
     for name, value in current.items():
-        if name in RESUME_MAY_CHANGE or name not in saved or saved[name] == value:
+        if name in RESUME_MAY_CHANGE or name in RESUME_MAY_LOWER or name not in saved or saved[name] == value:
             continue
         changes.append(f"--{name.replace('_', '-')} {_describe(value)} (the checkpoint has {_describe(saved[name])})")
+    before, now = learning_rates(saved), learning_rates(current)
+    for (component, rate), name in zip(now.items(), RESUME_MAY_LOWER, strict=True):
+        if isinstance(rate, int | float) and isinstance(before[component], int | float) and rate > before[component]:
+            flag = f"--{name.replace('_', '-')}"
+            changes.append(
+                f"{flag} {rate:g} (the checkpoint has {before[component]:g}; a resumed run may only lower it)"
+            )
     return changes
+
+
+def lower_learning_rates(optimizer, scheduler, trained: dict[str, Any], saved: dict[str, Any], current: dict) -> None:
+    """Scale each component's parameter groups (LoRA+'s B groups included) and their schedule by new / saved rate."""
+    before, now = learning_rates(saved), learning_rates(current)
+    owner = {id(p): component for component, module in trained.items() for p in module.parameters()}
+    for index, group in enumerate(optimizer.param_groups):
+        component = owner.get(id(group["params"][0])) if group["params"] else None
+        if component is None or not before[component] or now[component] == before[component]:
+            continue
+        factor = now[component] / before[component]
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+        scheduler.base_lrs[index] *= factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def data_changes(saved: dict[str, dict[str, str]], current: dict[str, dict[str, str]]) -> list[str]:
@@ -158,8 +192,8 @@ def check_resume(config: TrainConfig, checkpoint: Path) -> dict[str, dict[str, s
     if problems:
         raise LoraDBError(
             f"--resume-from-checkpoint {checkpoint}: {'; '.join(problems)}; a resumed run may change only the steps, "
-            "checkpointing, validation and memory-only options: use the checkpoint's values, or start afresh with "
-            "--overwrite (or another --output-dir)"
+            "checkpointing, validation and memory-only options, and lower its learning rates: use the checkpoint's "
+            "values, or start afresh with --overwrite (or another --output-dir)"
         )
     changes = data_changes(record.get("data", {}), data)
     if changes:

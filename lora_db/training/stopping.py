@@ -1,11 +1,12 @@
 """Stopping a training run cleanly on SIGINT (Ctrl-C), SIGTERM and SIGHUP.
 
 `docker stop`, Slurm preemption, `timeout` and cloud spot reclaims send SIGTERM, a closed terminal SIGHUP. Each
-is treated like Ctrl-C: the current step finishes, a checkpoint is saved, and the run exits (128 + the signal's
-number) with the resume command in its message. Preemption leaves seconds before the hard kill, so the warning
-says how long the step and the checkpoint are expected to take, and a slow checkpoint is reported when it happens.
-A second signal stops at once, without a checkpoint. Before the loop starts nothing is trained yet: a signal then
-stops the run at once.
+is treated like Ctrl-C: the current micro-batch finishes (a step of many accumulated micro-batches is dropped and
+repeated on resume), a checkpoint of the finished steps is saved, and the run exits (128 + the signal's number) with
+the resume command in its message. Preemption leaves seconds before the hard kill, so the warning says how long the
+checkpoint is expected to take, and a slow checkpoint is reported when it happens. A second signal stops at once,
+without a checkpoint, with one line and the same exit code. Before the loop starts nothing is trained yet: a signal
+then stops the run at once.
 """
 
 from __future__ import annotations
@@ -85,10 +86,14 @@ def stop_on_signals() -> Iterator[StopRequest]:
         if not request.armed:
             raise TrainingInterrupted(f"stopped by {name} before training started; nothing was trained yet", signum)
         if request.is_set():
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(
+                f"stopped at once by a second {name}, without saving a checkpoint; continue from the last one with the "
+                "same command and --resume-from-checkpoint latest",
+                signum,
+            )
         request.signum = signum
         logger.warning(
-            "%s: stopping after this step to save a checkpoint%s; %s again stops at once without one",
+            "%s: stopping after this micro-batch to save a checkpoint%s; %s again stops at once without one",
             name,
             request.expected(),
             "Ctrl-C" if signum == signal.SIGINT else name,

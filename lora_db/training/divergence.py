@@ -1,0 +1,86 @@
+"""Divergence: a run whose weights or loss stop being finite numbers of a sane size ends in an error, never in an
+adapter that samples black images.
+
+The trained weights are checked after every optimizer step and before every save (`check_weights`: NaN, infinities
+and magnitudes above `MAX_ABS_WEIGHT`, which no trained LoRA or U-ViT weight comes near), the loss of every
+micro-batch as it is computed. On divergence the checkpoints written from the diverged weights on are moved to
+OUTPUT_DIR/abandoned/, and the message names the likely cause and the last good checkpoint, which a resumed run may
+continue with a lower learning rate (`lora_db.training.resume`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lora_db.adapters.spec import MAX_ABS_WEIGHT, describe_peak, out_of_range
+from lora_db.config.train import TrainConfig
+from lora_db.errors import LoraDBError
+from lora_db.layout import list_checkpoints
+from lora_db.training.checkpoint import trainable_state
+from lora_db.training.resume import ABANDONED_DIR, retire_later_checkpoints
+
+LARGE_SCALE = 16.0  # alpha / rank above this makes every update that much larger: named as the likely cause
+
+
+class Diverged(LoraDBError):
+    """The weights or the loss of a run stopped being finite numbers of a sane size."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet  # the other processes of a multi-process run: the main process says it
+
+
+def likely_causes(config: TrainConfig) -> str:
+    """What to change, most likely first: an outsized LoRA scale, the learning rates, fp16's narrow range."""
+    causes = []
+    if config.method == "lora":
+        scale = config.lora_alpha / (math.sqrt(config.rank) if config.use_rslora else config.rank)
+        if scale > LARGE_SCALE:
+            causes.append(
+                f"--alpha {config.lora_alpha:g} over --rank {config.rank} scales every update by {scale:.3g}: "
+                "lower --alpha (the rank is usual)"
+            )
+    rates = f"--learning-rate {config.learning_rate:g}"
+    if config.train_text_encoder and config.text_encoder_learning_rate is not None:
+        rates += f" / --text-encoder-learning-rate {config.text_encoder_learning_rate:g}"
+    causes.append(f"lower {rates}")
+    if config.mixed_precision == "fp16":
+        causes.append("use --mixed-precision bf16 instead of fp16")
+    return ", or ".join(causes)
+
+
+def diverged(config: TrainConfig, weights_step: int, what: str, main_process: bool) -> Diverged:
+    """The error for weights that diverged at (or, by their loss, were found diverged at) `weights_step`; the
+    checkpoints written from them on are moved to abandoned/ first, so `latest` resumes from before."""
+    output_dir = config.output_dir
+    moved = retire_later_checkpoints(output_dir, weights_step - 1) if main_process else []
+    kept = list_checkpoints(output_dir)
+    where = (
+        f"resume the last good checkpoint with --resume-from-checkpoint {kept[-1]} and a lower --learning-rate "
+        "(a resumed run may lower it)"
+        if kept
+        else "no checkpoint holds weights from before it: start afresh with --overwrite"
+    )
+    if moved:
+        where = f"{len(moved)} checkpoint(s) from the diverged weights moved to {output_dir / ABANDONED_DIR}; {where}"
+    return Diverged(
+        f"training diverged at step {weights_step}: {what}; {likely_causes(config)}; {where}",
+        quiet=not main_process,
+    )
+
+
+def check_weights(config: TrainConfig, models, step: int, main_process: bool = True) -> None:
+    """Refuse weights holding NaN, infinities or magnitudes above MAX_ABS_WEIGHT (after each update, before saves)."""
+    bad = out_of_range(trainable_state(models))
+    if bad is not None:
+        name, peak = bad
+        what = f"{name} holds {describe_peak(peak)} (trained weights stay far below {MAX_ABS_WEIGHT:g})"
+        raise diverged(config, step, what, main_process)
+
+
+def check_loss(config: TrainConfig, loss: torch.Tensor, weights_step: int, main_process: bool = True) -> None:
+    """A non-finite loss means the weights it was computed with (after `weights_step` updates) diverged."""
+    if not torch.isfinite(loss):
+        raise diverged(config, weights_step, f"the loss became {loss.item()}", main_process)
