@@ -1,16 +1,24 @@
-"""Does the adapter learn the subject? DreamBooth configurations on tiny-world, scored like the paper.
+"""Does the adapter learn the subject? DreamBooth configurations over tiny-world's subject set, scored like the paper.
 
-    python benchmarks/quality.py                                   # every configuration (see the README for time)
-    python benchmarks/quality.py --configs lora-r4,lora-r4-prior --steps 100 --num-images 4 --out /tmp/q
+    python benchmarks/quality.py                                        # every configuration, the 12 held-out subjects
+    python benchmarks/quality.py --configs lora-r4 --subjects heart,arrow --out /tmp/q
 
-The quality side of benchmarks/memory.py. Each configuration trains on the subject tiny-world never saw (the toy
-robot of `lora-db demo-images`) through `lora_db.train`, then `lora_db.evaluate` (the code of
-`lora-db eval`) scores every run and the base model at the same seeds: CLIP-I on the subject prompt and on a
-recontextualisation ("... on the beach"), CLIP-T with tiny-world's own CLIP, CLIP-I of an unrelated prompt (should
-stay low), prior similarity of class-prompt samples to the base model's (what prior preservation protects) and
-diversity. Full fine-tuning has no adapter: its U-ViT replaces the base's in a copy of the model folder, and its
-class samples are compared with the base model's through the same image encoder. Results go to
-OUT/NAME.json, .md and .png.
+The quality side of benchmarks/memory.py. For each subject of lora_db.synthetic.subjects (shapes and patterns
+tiny-world never saw, five photos each) and each configuration, `lora_db.train` trains on "a photo of sks toy";
+then `lora_db.evaluate` (the code of `lora-db eval`) scores, at the same seeds:
+
+- the adapter: the judge (tiny-world's self-supervised encoder, no part of the model) and the model-free pixel
+  score against the subject's photos, on the subject prompt and a recontextualisation ("... on the beach");
+- (a) the base model given the subject prompt;
+- (b) the base model given the subject's description in tiny-world's words (`--describe`: the adapter must beat
+  words);
+- (c) the recommended configuration's adapter of *another* subject, scored against this subject's photos;
+- the photos among themselves and the ceiling (photos through the VAE);
+- prior similarity: class-prompt samples against the base model's, what prior preservation protects.
+
+Full fine-tuning has no adapter: its U-ViT replaces the base's in a copy of the model folder. nf4 adapters are
+scored on the nf4 base they were trained on (`eval --quantize-base nf4`). Results: OUT/NAME.json, .md and .png,
+with the mean and spread over subjects per configuration and the recommended configuration's margins.
 """
 
 from __future__ import annotations
@@ -19,45 +27,66 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUBJECT = "a photo of sks robot"
-PROMPTS = (SUBJECT, "a photo of sks robot on the beach", "a photo of a red car")
-CLASS = "a photo of a robot"
+SUBJECT = "a photo of sks toy"
+RECONTEXT = "a photo of sks toy on the beach"
+CLASS = "a photo of a toy"
 # name -> (options of TrainConfig, what the row shows)
 CONFIGS = {
+    "lora-r4": ({"rank": 4}, "LoRA rank 4 (recommended)"),
     "lora-r1": ({"rank": 1}, "LoRA rank 1"),
-    "lora-r4": ({"rank": 4}, "LoRA rank 4"),
     "lora-r16": ({"rank": 16}, "LoRA rank 16"),
+    "lora-r8-mlp": (
+        {"rank": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]},
+        "LoRA rank 8, attention + MLP",
+    ),
     "lora-r4-prior": ({"rank": 4, "prior": True}, "LoRA rank 4 + prior preservation"),
     "lora-r4-text-encoder": ({"rank": 4, "train_text_encoder": True}, "LoRA rank 4 + text-encoder LoRA"),
-    "full": ({"method": "full", "learning_rate": 2e-4}, "full fine-tuning (the reference)"),
+    "lora-r4-nf4": ({"rank": 4, "quantize_base": "nf4", "mixed_precision": "bf16"}, "QLoRA rank 4 (nf4 base)"),
+    "full": ({"method": "full", "learning_rate": 1e-4}, "full fine-tuning"),
+}
+RECOMMENDED = "lora-r4"
+BASELINES = {
+    "base": "(a) base model, subject prompt",
+    "describe": "(b) base model, describing prompt",
+    "other": "(c) another subject's adapter",
 }
 
 
-def train_run(name: str, options: dict, photos: Path, class_dir: Path, work: Path, args) -> dict:
+def write_photos(subject: str, folder: Path) -> Path:
+    from lora_db.synthetic.subjects import subject_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, photo in enumerate(subject_photos(subject)):
+        photo.save(folder / f"{subject}-{n}.png")
+    return folder
+
+
+def train_run(name: str, subject: str, photos: Path, work: Path, args) -> dict:
     from lora_db.config.train import TrainConfig
     from lora_db.training.loop import train
 
-    options = dict(options)
+    options = dict(CONFIGS[name][0])
     prior = options.pop("prior", False)
     values = {
         "model": "tiny-world",
         "instance_dir": photos,
         "instance_prompt": SUBJECT,
-        "output_dir": work / name,
+        "output_dir": work / subject / name,
         "max_train_steps": args.steps,
         "learning_rate": args.learning_rate,
-        "uncond_prob": 0.1,
         "seed": args.seed,
         "overwrite": True,
+        "report_to": "none",
         **options,
     }
     if prior:
-        values |= {"class_prompt": CLASS, "class_dir": class_dir, "num_class_images": args.class_images}
+        values |= {"class_prompt": CLASS, "class_dir": work / "class", "num_class_images": args.class_images}
     started = time.perf_counter()
     result = train(TrainConfig(**values))
     summary = json.loads((result.output_dir / "summary.json").read_text())
@@ -65,39 +94,52 @@ def train_run(name: str, options: dict, photos: Path, class_dir: Path, work: Pat
         "train_s": time.perf_counter() - started,
         "trainable_parameters": summary["trainable_parameters"],
         "output": str(result.adapter_path),
-        "final_loss": summary["final_loss"],
     }
 
 
-def full_model_folder(unet_dir: Path, work: Path) -> Path:
+def full_model_folder(unet_dir: Path, folder: Path) -> Path:
     """tiny-world with its U-ViT replaced by a fully fine-tuned one: a complete diffusers folder."""
-    from lora_db.models.loading import tiny_world_dir as asset_dir
+    from lora_db.models.loading import tiny_world_dir
 
-    folder = work / "full-model"
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(asset_dir(), folder)
+    shutil.copytree(tiny_world_dir(), folder)
     shutil.rmtree(folder / "unet")
     shutil.copytree(unet_dir, folder / "unet")
     return folder
 
 
-def eval_config(out: Path, photos: Path, args, model: str, adapters: list[str]):
+def run_eval(out: Path, photos: Path, args, describe: str, adapters: list[str], model="tiny-world", quantize="none"):
     from lora_db.config.evaluate import EvalConfig
+    from lora_db.evaluation.evaluate import evaluate
 
-    return EvalConfig(
-        out=out,
-        instance_dir=photos,
-        model=model,
-        adapters=adapters,
-        prompts=list(PROMPTS),
-        class_prompt=CLASS,
-        num_images=args.num_images,
-        seed=args.seed,
-        num_inference_steps=args.inference_steps,
-        clip_model="tiny-world",
-        identifier="sks",
-        overwrite=True,
+    return evaluate(
+        EvalConfig(
+            out=out,
+            instance_dir=photos,
+            model=model,
+            adapters=adapters,
+            prompts=[SUBJECT, RECONTEXT],
+            describe=[describe],
+            class_prompt=CLASS,
+            num_images=args.num_images,
+            seed=args.seed,
+            num_inference_steps=args.inference_steps,
+            guidance_scale=args.guidance_scale,
+            identifier="sks",
+            quantize_base=quantize,
+            overwrite=True,
+        )
     )
+
+
+def scores(row: dict) -> dict:
+    subject, recontext = row["prompts"][SUBJECT], row["prompts"][RECONTEXT]
+    return {
+        "judge": subject["dino"],
+        "pixel": subject["pixel"],
+        "judge_recontext": recontext["dino"],
+        "prior_similarity": row["class"]["prior_similarity"],
+    }
 
 
 def class_similarity(base_eval: Path, other_eval: Path, num_images: int, seed: int) -> float:
@@ -108,83 +150,159 @@ def class_similarity(base_eval: Path, other_eval: Path, num_images: int, seed: i
     from lora_db.models.loading import load_pipeline
 
     embed = ImageEmbedder(load_pipeline("tiny-world"))
-    index = len(PROMPTS)  # the class prompt comes after the --prompt values
+    index = 2  # the class prompt comes after the two --prompt values
 
-    def samples(folder: Path):
-        return [Image.open(folder / "samples" / f"base_p{index:02d}_seed{seed + i}.png") for i in range(num_images)]
+    def samples(folder: Path, label: str):
+        names = [f"{label}_p{index:02d}_seed{seed + i}.png" for i in range(num_images)]
+        return [Image.open(folder / "samples" / name) for name in names]
 
-    return paired_similarity(embed(samples(other_eval)), embed(samples(base_eval)))
+    return paired_similarity(embed(samples(other_eval, "base")), embed(samples(base_eval, "base")))
 
 
-def row_of(name: str, label: str, eval_row: dict, run: dict | None) -> dict:
-    scores = eval_row["prompts"]
+def evaluate_subject(subject: str, names: list[str], runs: dict, other: str, work: Path, args) -> dict:
+    """Every configuration's scores on one subject, and its baselines (a)-(c), photos and ceiling."""
+    from lora_db.synthetic.subjects import SUBJECTS
+
+    photos, describe = work / subject / "photos", SUBJECTS[subject].describe_prompt
+    plain = [n for n in names if n not in ("full", "lora-r4-nf4")]
+    other_adapter = work / subject / "other-subject.safetensors"
+    shutil.copyfile(runs[other][RECOMMENDED]["output"], other_adapter)
+    result = run_eval(work / subject / "eval", photos, args, describe, [runs[subject][n]["output"] for n in plain]
+                      + [str(other_adapter)])  # fmt: skip
+    rows = {row["label"]: row for row in result.rows}
+    standing = result.standing[SUBJECT]
+    out = {
+        "base": scores(rows["base"]),
+        "describe": {"judge": standing["describe"]["dino"], "pixel": standing["describe"]["pixel"]},
+        "other": scores(rows["other-subject"]),
+        "photos": {"judge": standing["photos"]["dino"], "pixel": standing["photos"]["pixel"]},
+        "ceiling": {"judge": standing["ceiling"]["dino"], "pixel": standing["ceiling"]["pixel"]},
+        "description": describe,
+        "other_subject": other,
+    }
+    out |= {n: scores(rows[n]) for n in plain}
+    if "lora-r4-nf4" in names:
+        nf4 = run_eval(work / subject / "eval-nf4", photos, args, describe, [runs[subject]["lora-r4-nf4"]["output"]],
+                       quantize="nf4")  # fmt: skip
+        out["lora-r4-nf4"] = scores(nf4.rows[1])
+    if "full" in names:
+        folder = full_model_folder(Path(runs[subject]["full"]["output"]), work / subject / "full-model")
+        full = run_eval(work / subject / "eval-full", photos, args, describe, [], model=str(folder))
+        out["full"] = scores(full.rows[0])
+        out["full"]["prior_similarity"] = class_similarity(
+            work / subject / "eval", work / subject / "eval-full", args.num_images, args.seed
+        )
+    return out
+
+
+def spread(values: list[float]) -> dict:
     return {
-        "configuration": name,
-        "label": label,
-        "clip_i": scores[PROMPTS[0]]["clip_i"],
-        "clip_i_recontext": scores[PROMPTS[1]]["clip_i"],
-        "clip_t_recontext": scores[PROMPTS[1]]["clip_t"],
-        "clip_i_unrelated": scores[PROMPTS[2]]["clip_i"],
-        "prior_similarity": eval_row["class"]["prior_similarity"],
-        "diversity": scores[PROMPTS[0]]["diversity"],
-        **(run or {}),
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
     }
 
 
+def summarise(per_subject: dict, names: list[str], runs: dict) -> dict:
+    subjects = list(per_subject)
+    rows = {}
+    for key in [*names, "base", "describe", "other", "photos", "ceiling"]:
+        metrics = per_subject[subjects[0]][key].keys()
+        rows[key] = {m: spread([per_subject[s][key][m] for s in subjects]) for m in metrics}
+        if key in names:
+            rows[key]["train_s"] = statistics.fmean(runs[s][key]["train_s"] for s in subjects)
+            rows[key]["trainable_parameters"] = runs[subjects[0]][key]["trainable_parameters"]
+    margins = {}
+    if RECOMMENDED in names:
+        for baseline in BASELINES:
+            for metric in ("judge", "pixel"):
+                gaps = [per_subject[s][RECOMMENDED][metric] - per_subject[s][baseline][metric] for s in subjects]
+                margins[f"{baseline}/{metric}"] = spread(gaps) | {"above": sum(g > 0 for g in gaps)}
+    return {"rows": rows, "margins": margins}
+
+
+def _cell(stats: dict) -> str:
+    return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
+
+
 def markdown(results: dict) -> str:
+    summary, n = results["summary"], len(results["subjects"])
     lines = [
-        "| configuration | trainable params | train (s) | CLIP-I | CLIP-I beach | CLIP-T beach | CLIP-I unrelated | "
-        "prior sim. | diversity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Mean ± standard deviation over {n} subjects ({', '.join(results['subjects'])}).",
+        "",
+        "| row | trainable params | train (s) | judge | pixel | judge, on the beach | prior similarity |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in results["rows"]:
+    labels = {name: label for name, (_, label) in CONFIGS.items()} | BASELINES
+    labels |= {"photos": "photos among themselves", "ceiling": "ceiling (photos through the VAE)"}
+    for key, row in summary["rows"].items():
         params = f"{row['trainable_parameters']:,}" if "trainable_parameters" in row else "-"
         train_s = f"{row['train_s']:.0f}" if "train_s" in row else "-"
+        recontext = _cell(row["judge_recontext"]) if "judge_recontext" in row else "-"
+        prior = _cell(row["prior_similarity"]) if "prior_similarity" in row else "-"
         lines.append(
-            f"| {row['label']} | {params} | {train_s} | {row['clip_i']:.3f} | {row['clip_i_recontext']:.3f} | "
-            f"{row['clip_t_recontext']:.3f} | {row['clip_i_unrelated']:.3f} | {row['prior_similarity']:.3f} | "
-            f"{row['diversity']:.3f} |"
+            f"| {labels[key]} | {params} | {train_s} | {_cell(row['judge'])} | {_cell(row['pixel'])} | "
+            f"{recontext} | {prior} |"
         )
-    ref = results["reference"]
-    lines += [
-        "",
-        f"Real photos of the subject among themselves: CLIP-I {ref['clip_i']:.3f} ({ref['images']} photos). "
-        f"{results['settings']}. Command: `{results['command']}`.",
-    ]
+    if summary["margins"]:
+        lines += [
+            "",
+            f"Margins of {CONFIGS[RECOMMENDED][1]} over each baseline, per subject (adapter minus baseline):",
+            "",
+            "| baseline | judge: mean | min | subjects above | pixel: mean | min | subjects above |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for baseline, label in BASELINES.items():
+            j, p = summary["margins"][f"{baseline}/judge"], summary["margins"][f"{baseline}/pixel"]
+            lines.append(
+                f"| {label} | {j['mean']:+.3f} | {j['min']:+.3f} | {j['above']}/{n} | {p['mean']:+.3f} | "
+                f"{p['min']:+.3f} | {p['above']}/{n} |"
+            )
+    lines += ["", f"{results['settings']}. Command: `{results['command']}`."]
     return "\n".join(lines) + "\n"
 
 
 def chart(results: dict):
+    """Judge score per row: the mean as a bar, the spread over subjects as a whisker (min to max)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    rows = results["rows"]
+    rows = results["summary"]["rows"]
+    labels = {name: label for name, (_, label) in CONFIGS.items()} | BASELINES
+    labels |= {"photos": "photos among themselves", "ceiling": "ceiling (VAE round trip)"}
     font, bold = ImageFont.load_default(size=14), ImageFont.load_default(size=17)
-    series = (("clip_i", "CLIP-I (subject)", (200, 60, 40)), ("prior_similarity", "prior similarity", (52, 101, 164)))
-    width, row_h, left = 1000, 44, 300
-    image = Image.new("RGB", (width, 90 + row_h * len(rows)), "white")
+    width, row_h, left = 1000, 30, 320
+    image = Image.new("RGB", (width, 80 + row_h * len(rows)), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((20, 12), "DreamBooth on tiny-world: subject fidelity and prior similarity", font=bold, fill="black")
-    for n, (_, name, colour) in enumerate(series):
-        draw.rectangle((20 + 220 * n, 44, 34 + 220 * n, 58), fill=colour)
-        draw.text((40 + 220 * n, 44), name, font=font, fill="black")
-    for i, row in enumerate(rows):
-        y = 80 + i * row_h
-        draw.text((20, y + 10), row["label"], font=font, fill="black")
-        for n, (key, _, colour) in enumerate(series):
-            value = max(0.0, row[key])
-            end = left + (width - left - 80) * value
-            draw.rectangle((left, y + 3 + 18 * n, end, y + 17 + 18 * n), fill=colour)
-            draw.text((end + 6, y + 3 + 18 * n), f"{row[key]:.3f}", font=font, fill="black")
+    title = (
+        f"DreamBooth on tiny-world, {len(results['subjects'])} unseen subjects: judge score (bar: mean, line: range)"
+    )
+    draw.text((20, 12), title, font=bold, fill="black")
+
+    def x(value: float) -> float:  # -0.5 .. 1 across the plot
+        return left + (width - left - 60) * (max(-0.5, value) + 0.5) / 1.5
+
+    draw.line((x(0), 44, x(0), 70 + row_h * len(rows)), fill=(180, 180, 180))
+    for i, (key, row) in enumerate(rows.items()):
+        y = 60 + i * row_h
+        colour = (200, 60, 40) if key in CONFIGS else (120, 120, 120)
+        stats = row["judge"]
+        draw.text((20, y + 4), labels[key], font=font, fill="black")
+        draw.rectangle((x(0), y + 6, x(stats["mean"]), y + 20), fill=colour)
+        draw.line((x(stats["min"]), y + 13, x(stats["max"]), y + 13), fill="black", width=2)
+        draw.text((x(max(stats["max"], stats["mean"])) + 6, y + 4), f"{stats['mean']:.3f}", font=font, fill="black")
     return image
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names: " + ", ".join(CONFIGS))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--subjects", default=None, help="comma-separated subject names (default: the held-out set)")
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA rows (full FT sets its own)")
-    parser.add_argument("--num-images", type=int, default=8)
+    parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--inference-steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=8.0)
     parser.add_argument("--class-images", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -196,42 +314,44 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]}; choose from {', '.join(CONFIGS)}")
+    if RECOMMENDED not in names:
+        names.insert(0, RECOMMENDED)  # (c) needs another subject's recommended adapter
 
     import tempfile
 
     import torch
 
-    from lora_db.evaluation.evaluate import evaluate
     from lora_db.logs import quiet_library_logs
-    from lora_db.synthetic.demo import make_demo_images
+    from lora_db.synthetic.subjects import SUBJECTS, held_out_names
 
+    subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else held_out_names()
+    missing = [s for s in subjects if s not in SUBJECTS]
+    if missing or len(subjects) < 2:
+        parser.error(f"--subjects: give two or more of {', '.join(SUBJECTS)}")
     torch.set_num_threads(args.threads)
     quiet_library_logs()
     work = args.work or Path(tempfile.mkdtemp(prefix="lora-db-quality-"))
-    photos = work / "photos"
-    make_demo_images(photos, count=5, size=64, seed=0)
-    runs = {name: train_run(name, CONFIGS[name][0], photos, work / "class", work, args) for name in names}
-
-    adapters = [runs[n]["output"] for n in names if n != "full"]
-    base_eval = evaluate(eval_config(work / "eval", photos, args, "tiny-world", adapters))
-    by_label = {row["label"]: row for row in base_eval.rows}
-    rows = [row_of("base", "base model (no training)", by_label["base"], None)]
-    rows += [row_of(n, CONFIGS[n][1], by_label[n], runs[n]) for n in names if n != "full"]
-    if "full" in runs:
-        folder = full_model_folder(Path(runs["full"]["output"]), work)
-        full_eval = evaluate(eval_config(work / "eval-full", photos, args, str(folder), []))
-        row = row_of("full", CONFIGS["full"][1], full_eval.rows[0], runs["full"])
-        row["prior_similarity"] = class_similarity(work / "eval", work / "eval-full", args.num_images, args.seed)
-        rows.append(row)
-
+    started = time.perf_counter()
+    runs = {}
+    for subject in subjects:
+        photos = write_photos(subject, work / subject / "photos")
+        runs[subject] = {name: train_run(name, subject, photos, work, args) for name in names}
+    per_subject = {
+        subject: evaluate_subject(subject, names, runs, subjects[(i + 1) % len(subjects)], work, args)
+        for i, subject in enumerate(subjects)
+    }
     settings = (
         f"{args.steps} steps, LoRA lr {args.learning_rate:g}, {args.num_images} samples per prompt, "
-        f"{args.inference_steps} denoising steps, seed {args.seed}, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
+        f"{args.inference_steps} denoising steps, guidance {args.guidance_scale:g}, seed {args.seed}, "
+        f"torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {args.threads} thread(s), "
+        f"{(time.perf_counter() - started) / 60:.0f} min in all"
     )
     results = {
-        "rows": rows,
-        "reference": base_eval.reference,
+        "subjects": subjects,
+        "configurations": names,
+        "per_subject": per_subject,
+        "summary": summarise(per_subject, names, runs),
         "settings": settings,
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
     }

@@ -104,7 +104,7 @@ def test_the_shipped_tiny_world_is_estimated_from_its_folder(monkeypatch):
     named = estimate_memory(TrainConfig(model="tiny-world", cache_latents=True), device="cpu")
     folder = estimate_memory(TrainConfig(model=str(asset_dir()), cache_latents=True), device="cpu")
     assert named.peak_bytes == folder.peak_bytes > 0 and named.components == folder.components
-    assert named.resolution == 32  # tiny-world's own, not a default
+    assert named.resolution == 64  # tiny-world's own, not a default
 
 
 def test_cached_latents_release_the_encoders():

@@ -362,7 +362,7 @@ def test_a_model_with_a_judge_scores_the_dino_column_with_it(judged_world, insta
     assert result["judge"] == {"name": "tiny-world judge", "path": str(judged_world / "judge"), "source": "model"}
     assert "DINO (tiny-world judge)" in out.splitlines()[0]
     samples = [Image.open(tmp_path / "eval" / "samples" / f"base_p00_seed{i}.png").convert("RGB") for i in range(2)]
-    photos = _square([load_image(p) for p in find_images(instance_dir)], 32)
+    photos = _square([load_image(p) for p in find_images(instance_dir)], 64)
     judge, encoder = DinoEmbedder(str(judged_world / "judge")), ImageEmbedder(load_pipeline(str(judged_world)))
     scores = result["rows"][0]["prompts"][SUBJECT]
     assert scores["dino"] == pytest.approx(mean_cross_similarity(judge(samples), judge(photos)), abs=1e-5)

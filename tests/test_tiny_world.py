@@ -1,6 +1,7 @@
 """tiny-world, the pretrained tiny UniDiffuser shipped with lora-db, and what DreamBooth does on it.
 
-The margins were measured on the shipped weights (CPU, seeded); see the comments beside each.
+Subjects come from lora_db.synthetic.subjects: shapes and patterns the world never shows. The margins were measured
+on the shipped weights (CPU, one thread, seeded); see the comments beside each.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from lora_db.models.loading import tiny_world_dir as asset_dir
 from lora_db.synthetic.tiny_world import CLASS_PROMPT, SUBJECT_PROMPT, TEXT_LENGTH, build_clip_tokenizer, world_words
-from lora_db.synthetic.world import make_world
+from lora_db.synthetic.world import SHAPES, make_world
 
 
 def test_the_world_is_deterministic_and_every_word_is_one_token():
@@ -23,8 +24,41 @@ def test_the_world_is_deterministic_and_every_word_is_one_token():
     tokenizer = build_clip_tokenizer()
     for word in world_words():
         assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
-    assert max(len(tokenizer(c).input_ids) for _, c in make_world(400)) <= TEXT_LENGTH
-    assert len(tokenizer("a photo of sks robot").input_ids) > 6  # the identifier is rare: several byte tokens
+    captions = [c for _, c in make_world(400)]
+    assert max(len(tokenizer(c).input_ids) for c in captions) <= TEXT_LENGTH
+    assert len(tokenizer(SUBJECT_PROMPT).input_ids) > 6  # the identifier is rare: several byte tokens
+    # The class word stands for every shape, so the class prompt is one the model was trained on.
+    assert any(c.startswith("a photo of a toy") for c in captions)
+    assert {shape for shape in SHAPES if any(f" {shape}" in c for c in captions)} == set(SHAPES)
+
+
+@pytest.mark.slow
+def test_a_small_build_is_deterministic_and_reports_its_vae_on_unseen_subjects(tmp_path):
+    """Two builds with the same settings write the same weights, bit for bit (the judge trains in a second
+    process); the report holds the VAE's round trip on the subject set."""
+    import hashlib
+
+    from lora_db.synthetic.tiny_world import BuildConfig, build
+
+    small = {"world_size": 64, "vae_steps": 3, "vae_small_steps": 1, "vae_pool": 32, "clip_steps": 2,
+             "uvit_steps": 2, "uvit_broad_pool": 32, "judge_steps": 2, "judge_pool": 32}  # fmt: skip
+    digests = []
+    for name in ("a", "b"):
+        report = build(tmp_path / name, BuildConfig(**small))
+        files = sorted((tmp_path / name).rglob("*.safetensors"))
+        digests.append({f.relative_to(tmp_path / name): hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
+    assert digests[0] == digests[1] and len(digests[0]) == 7  # five pipeline parts, clip/ and judge/
+    assert set(report["vae_held_out_rms"]["per_subject"]) >= {"heart", "robot"}
+    assert 0 < report["vae_held_out_rms"]["mean"] <= report["vae_held_out_rms"]["max"]
+
+
+def test_the_subject_set_shows_no_shape_of_the_world():
+    from lora_db.synthetic.subjects import SUBJECTS, held_out_names
+
+    words = set(world_words())
+    for name in held_out_names():
+        assert SUBJECTS[name].noun not in words, name
+        assert set(SUBJECTS[name].describe_prompt.split()) <= words, name  # (b) is said in the world's words
 
 
 @pytest.fixture(scope="module")
@@ -49,37 +83,23 @@ def test_shipped_folder_is_a_stock_diffusers_pipeline_with_a_derived_scaling_fac
     # 1 / std of its latents on (unseen pictures of) its world: unit-variance latents, as SD's factor was derived.
     assert derive_scaling_factor(pipe.vae, pixels) == pytest.approx(pipe.vae.config.scaling_factor, rel=0.1)
     total = sum(p.stat().st_size for p in asset_dir().rglob("*.safetensors"))
-    assert total < 12 * 2**20  # a few MB in the package
+    assert total < 40 * 2**20  # the issue's limit for the package
 
 
-def _photos(folder, seed, count=5):
-    from lora_db.images import load_image
-    from lora_db.synthetic.demo import make_demo_images
+def test_the_vae_draws_subjects_it_never_saw(world_pipe):
+    """Round trip through the shipped VAE on the subject set (shapes, patterns and colour pairs neither its
+    procedural training pictures nor the world draw); the first tiny-world's VAE scored 0.42-0.55 on such."""
+    from lora_db.synthetic.subjects import subject_tensor
+    from lora_db.synthetic.vae import round_trip_rms
 
-    return [load_image(p) for p in make_demo_images(folder, count=count, size=64, seed=seed)]
-
-
-def test_clip_i_tells_the_subject_from_other_robots(world_pipe, tmp_path):
-    """A held-out photo of the subject scores far closer to its photos than the world's own robots do."""
-    from lora_db.evaluation.metrics import ImageEmbedder, mean_cross_similarity
-    from lora_db.synthetic.world import Scene, render
-
-    embed = ImageEmbedder(world_pipe)
-    reference = embed(_photos(tmp_path / "a", seed=0))
-    held_out = embed(_photos(tmp_path / "b", seed=1))
-    import random
-
-    rng = random.Random(0)
-    colours = ("red", "green", "blue", "yellow", "purple", "orange")
-    robots = {colour: embed([render(Scene("robot", colour, "in a room"), rng) for _ in range(3)]) for colour in colours}
-    subject_score = mean_cross_similarity(held_out, reference)
-    robot_scores = {colour: mean_cross_similarity(e, reference) for colour, e in robots.items()}
-    # Measured: held-out subject 0.82; robots 0.72 (red, the subject's body colour), 0.50 (orange), <= 0.33 others.
-    assert subject_score > max(robot_scores.values()) + 0.05, (subject_score, robot_scores)
-    assert subject_score > sum(robot_scores.values()) / len(colours) + MARGIN_SUBJECT_VS_ROBOTS, robot_scores
+    pixels, _ = subject_tensor()
+    rms = round_trip_rms(world_pipe.vae, pixels)
+    build = json.loads((asset_dir() / "build.json").read_text())
+    assert rms.mean().item() == pytest.approx(build["vae_held_out_rms"]["mean"], abs=2e-3)  # what the build printed
+    assert rms.mean().item() < VAE_RMS_MEAN and rms.max().item() < VAE_RMS_MAX, (rms.mean(), rms.max())
 
 
-MARGIN_SUBJECT_VS_ROBOTS = 0.3
+VAE_RMS_MEAN, VAE_RMS_MAX = 0.15, 0.3  # measured: see build.json's vae_held_out_rms
 
 
 def test_captions_give_the_pictures_they_describe(world_pipe):
@@ -87,7 +107,11 @@ def test_captions_give_the_pictures_they_describe(world_pipe):
     from lora_db.evaluation.metrics import ClipPair
     from lora_db.models.sampling import generate_images
 
-    prompts = ["a photo of a red car on the beach", "a photo of a blue house at night", "a photo of a yellow ball"]
+    prompts = [
+        "a photo of a red star on the beach",
+        "a photo of a blue ring at night",
+        "a photo of a yellow square with black stripes on grass",
+    ]
     clip = ClipPair("tiny-world")
     correct = 0
     for prompt in prompts:
@@ -97,71 +121,87 @@ def test_captions_give_the_pictures_they_describe(world_pipe):
     assert correct == len(prompts)
 
 
+def _write_photos(name: str, folder):
+    from lora_db.synthetic.subjects import subject_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, photo in enumerate(subject_photos(name)):
+        photo.save(folder / f"{name}-{n}.png")
+    return folder
+
+
+SUBJECT, OTHER = "heart", "arrow"  # two subjects of the set: shapes the world never shows
+
+
 @pytest.fixture(scope="module")
 def dreambooth_runs(tmp_path_factory, one_thread):
-    """Two LoRA runs on the unseen subject, with and without prior preservation."""
+    """LoRA runs on an unseen subject, with and without prior preservation, and one on another subject."""
     from lora_db.config.train import TrainConfig
-    from lora_db.synthetic.demo import make_demo_images
     from lora_db.training.loop import train
 
     work = tmp_path_factory.mktemp("dreambooth")
-    photos = work / "photos"
-    make_demo_images(photos, count=5, size=64, seed=0)
     common = {
         "model": "tiny-world",
-        "instance_dir": photos,
         "instance_prompt": SUBJECT_PROMPT,
         "max_train_steps": STEPS,
         "learning_rate": 1e-3,
-        "uncond_prob": 0.1,
         "class_generation_steps": 15,
         "overwrite": True,
+        "report_to": "none",
     }
-    train(TrainConfig(output_dir=work / "plain", **common))
+    photos = _write_photos(SUBJECT, work / "photos")
+    train(TrainConfig(output_dir=work / "plain", instance_dir=photos, **common))
     prior = {"class_prompt": CLASS_PROMPT, "class_dir": work / "class", "num_class_images": 10}
-    train(TrainConfig(output_dir=work / "prior", **common, **prior))
+    train(TrainConfig(output_dir=work / "prior", instance_dir=photos, **common, **prior))
+    other = _write_photos(OTHER, work / "other-photos")
+    train(TrainConfig(output_dir=work / "other", instance_dir=other, **common))
     return work
 
 
-STEPS = 300
+STEPS = 400  # the README's recommended settings: rank 4, lr 1e-3, 400 steps
 
 
 @pytest.mark.slow
-def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(dreambooth_runs, one_thread):
+def test_dreambooth_learns_an_unseen_subject_beyond_words_and_other_adapters(dreambooth_runs, one_thread):
+    """The adapter beats (a) the base with the subject prompt, (b) the base with a describing prompt and (c) an
+    adapter of another subject, by the judge (no part of the model) and the model-free pixel score; prior
+    preservation keeps class samples closer to the base's."""
     from lora_db.config.evaluate import EvalConfig
     from lora_db.evaluation.evaluate import evaluate
+    from lora_db.synthetic.subjects import SUBJECTS
 
     work = dreambooth_runs
     config = EvalConfig(
         out=work / "eval",
         instance_dir=work / "photos",
         model="tiny-world",
-        adapters=[str(work / "plain" / "adapter.safetensors"), str(work / "prior" / "adapter.safetensors")],
-        prompts=[SUBJECT_PROMPT, "a photo of a red car"],
+        adapters=[str(work / name / "adapter.safetensors") for name in ("plain", "prior", "other")],
+        prompts=[SUBJECT_PROMPT],
+        describe=[SUBJECTS[SUBJECT].describe_prompt],
         class_prompt=CLASS_PROMPT,
         num_images=4,
-        num_inference_steps=15,
+        num_inference_steps=20,
+        guidance_scale=3.0,
     )
-    rows = {row["label"]: row for row in evaluate(config).rows}
-    base, plain, prior = rows["base"], rows["plain"], rows["prior"]
-
-    def clip_i(row, prompt=SUBJECT_PROMPT):
-        return row["prompts"][prompt]["clip_i"]
-
-    # Measured (CPU, one thread): CLIP-I on the subject prompt 0.25 (base) -> 0.71 (LoRA) -> 0.48 (LoRA + prior
-    # preservation), real photos among themselves 0.82; "a photo of a red car" 0.46 with the LoRA; prior similarity
-    # 0.24 without prior preservation, 0.75 with it.
-    assert clip_i(plain) > clip_i(base) + MARGIN_LEARNED, (clip_i(plain), clip_i(base))
-    assert clip_i(prior) > clip_i(base) + MARGIN_LEARNED / 2, (clip_i(prior), clip_i(base))
-    # ... an unrelated prompt stays well below the subject ...
-    assert clip_i(plain, "a photo of a red car") < clip_i(plain) - MARGIN_LEARNED / 2
-    # ... and prior preservation keeps the class prompt's samples far closer to the base model's.
-    prior_kept, plain_kept = prior["class"]["prior_similarity"], plain["class"]["prior_similarity"]
+    result = evaluate(config)
+    assert result.judge["source"] == "model" and result.judge["path"].endswith("judge")  # not the model's CLIP
+    rows = {row["label"]: row["prompts"][SUBJECT_PROMPT] for row in result.rows}
+    classes = {row["label"]: row["class"] for row in result.rows}
+    describe = result.standing[SUBJECT_PROMPT]["describe"]
+    plain = rows["plain"]
+    # Measured over the 12 held-out subjects (benchmarks/quality.py, guidance 3): the judge puts the adapter above
+    # (a) by +0.466 (12/12) and (c) by +0.470 (11/12), but level with (b), -0.010 (4/12): tiny-world's U-ViT draws
+    # colour, pattern and place, not the outline, and the judge weighs colour. The pixel score puts it above (b)
+    # by +0.056 (11/12). Heart: judge 0.875 vs (a) 0.506 / (c) 0.501; pixel 0.880 vs (b) 0.782.
+    for name, row in (("(a) base", rows["base"]), ("(c) other", rows["other"])):
+        assert plain["dino"] > row["dino"] + MARGIN_JUDGE, (name, plain["dino"], row["dino"])
+    for name, row in (("(a) base", rows["base"]), ("(b) words", describe), ("(c) other", rows["other"])):
+        assert plain["pixel"] > row["pixel"] + MARGIN_PIXEL, (name, plain["pixel"], row["pixel"])
+    prior_kept, plain_kept = classes["prior"]["prior_similarity"], classes["plain"]["prior_similarity"]
     assert prior_kept > plain_kept + MARGIN_PRIOR, (prior_kept, plain_kept)
 
 
-MARGIN_LEARNED = 0.3
-MARGIN_PRIOR = 0.3
+MARGIN_JUDGE, MARGIN_PIXEL, MARGIN_PRIOR = 0.3, 0.01, 0.05  # measured: see the comments in the test
 
 
 def run_benchmark(name: str, args: str, out, work, monkeypatch) -> None:
@@ -178,16 +218,29 @@ def run_benchmark(name: str, args: str, out, work, monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, one_thread):
-    args = "--configs lora-r4,lora-r4-prior,full --steps 2 --num-images 2 --inference-steps 2 --class-images 2"
+    args = (
+        "--subjects heart,arrow --configs lora-r4,lora-r4-prior,full --steps 2 --num-images 2 --inference-steps 2 "
+        "--class-images 2"
+    )
     run_benchmark("quality", args, tmp_path, tmp_path, monkeypatch)
     results = json.loads((tmp_path / "quality.json").read_text())
-    assert [row["configuration"] for row in results["rows"]] == ["base", "lora-r4", "lora-r4-prior", "full"]
-    full = results["rows"][-1]
-    assert full["trainable_parameters"] > 10 * results["rows"][1]["trainable_parameters"]
-    for row in results["rows"]:
-        assert -1 <= row["clip_i"] <= 1 and -1 <= row["clip_t_recontext"] <= 1 and 0 < row["prior_similarity"] <= 1
-    assert results["rows"][0]["prior_similarity"] == pytest.approx(1.0)
-    assert "| LoRA rank 4 + prior preservation |" in (tmp_path / "quality.md").read_text()
+    assert results["subjects"] == ["heart", "arrow"] and results["configurations"] == [
+        "lora-r4",
+        "lora-r4-prior",
+        "full",
+    ]
+    rows = results["summary"]["rows"]
+    assert list(rows) == ["lora-r4", "lora-r4-prior", "full", "base", "describe", "other", "photos", "ceiling"]
+    assert rows["full"]["trainable_parameters"] > 10 * rows["lora-r4"]["trainable_parameters"]
+    for subject, scores in results["per_subject"].items():
+        assert scores["other_subject"] != subject  # (c) is another subject's adapter
+        for key in ("lora-r4", "full", "base", "describe", "other", "photos", "ceiling"):
+            assert -1 <= scores[key]["judge"] <= 1 and -1 <= scores[key]["pixel"] <= 1, (subject, key)
+        assert scores["base"]["prior_similarity"] == pytest.approx(1.0)
+    margins = results["summary"]["margins"]
+    assert set(margins) == {f"{b}/{m}" for b in ("base", "describe", "other") for m in ("judge", "pixel")}
+    text = (tmp_path / "quality.md").read_text()
+    assert "| LoRA rank 4 + prior preservation |" in text and "(b) base model, describing prompt" in text
     assert (tmp_path / "quality.png").is_file()
 
 
@@ -197,10 +250,10 @@ def test_qlora_quality_benchmark_scores_each_adapter_on_both_bases(tmp_path, mon
     run_benchmark("qlora_quality", args, tmp_path, tmp_path / "w", monkeypatch)
     rows = json.loads((tmp_path / "qlora-quality.json").read_text())["rows"]
     assert [(r["kind"], r["seed"]) for r in rows] == [("bf16", 0), ("nf4", 0), ("bf16", 1), ("nf4", 1)]
-    assert all(-1 <= r["clip_i"] <= 1 and -1 <= r["clip_i_full_base"] <= 1 for r in rows)
-    assert all(r["clip_i"] == r["clip_i_full_base"] for r in rows if r["kind"] == "bf16")
+    assert all(-1 <= r["judge"] <= 1 and -1 <= r["judge_full_base"] <= 1 for r in rows)
+    assert all(r["judge"] == r["judge_full_base"] for r in rows if r["kind"] == "bf16")
     nf4 = [r for r in rows if r["kind"] == "nf4"]
-    assert all(r["clip_i"] != r["clip_i_full_base"] for r in nf4)  # sampled on two different bases
+    assert all(r["judge"] != r["judge_full_base"] for r in nf4)  # sampled on two different bases
     assert "| nf4 |" in (tmp_path / "qlora-quality.md").read_text()
 
 
@@ -208,18 +261,16 @@ def test_qlora_quality_benchmark_scores_each_adapter_on_both_bases(tmp_path, mon
 def qlora_runs(tmp_path_factory, one_thread):
     """The same DreamBooth run (bf16 compute) on the bf16 base and on the NF4 base."""
     from lora_db.config.train import TrainConfig
-    from lora_db.synthetic.demo import make_demo_images
     from lora_db.training.loop import train
 
     work = tmp_path_factory.mktemp("qlora")
-    make_demo_images(work / "photos", count=5, size=64, seed=0)
+    _write_photos(SUBJECT, work / "photos")
     common = {
         "model": "tiny-world",
         "instance_dir": work / "photos",
         "instance_prompt": SUBJECT_PROMPT,
         "max_train_steps": STEPS,
         "learning_rate": 1e-3,
-        "uncond_prob": 0.1,
         "mixed_precision": "bf16",
         "overwrite": True,
     }
@@ -229,7 +280,7 @@ def qlora_runs(tmp_path_factory, one_thread):
 
 
 def _subject_fidelity(work, adapter, quantize_base: str) -> float:
-    """CLIP-I of four samples of the subject prompt, from the adapter on the base it was trained on."""
+    """The judge's score of four samples of the subject prompt, from the adapter on the base it was trained on."""
     from lora_db.adapters.hotswap import load_pipeline
     from lora_db.evaluation.metrics import TrainingEval
     from lora_db.images import find_images, load_image
@@ -238,7 +289,7 @@ def _subject_fidelity(work, adapter, quantize_base: str) -> float:
     pipe.set_progress_bar_config(disable=True)
     photos = [load_image(p) for p in find_images(work / "photos")]
     score = TrainingEval(pipe, photos, SUBJECT_PROMPT, None, num_images=4, seed=0, num_inference_steps=15)
-    return score(0)["eval/clip_i"]
+    return score(0)["eval/dino"]
 
 
 @pytest.mark.slow
@@ -253,7 +304,7 @@ def test_an_nf4_trained_adapter_learns_the_subject_as_well_as_a_bf16_trained_one
     # nf4 0.76 0.64 0.57 0.46 0.62 (mean -0.001); this test trains with seed 0. The NF4 base alone scores 0.40.
     # Before NF4's blocks fitted the rows (bitsandbytes' CPU kernel misdecoding them): nf4 0.54, its base 0.52.
     assert nf4 > bf16 - MARGIN_QLORA, (nf4, bf16)
-    assert nf4 > nf4_base + MARGIN_LEARNED, (nf4, nf4_base)
+    assert nf4 > nf4_base + MARGIN_JUDGE / 2, (nf4, nf4_base)
 
 
 MARGIN_QLORA = 0.1

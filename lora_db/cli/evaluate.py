@@ -1,7 +1,7 @@
 """`lora-db eval`: a thin typer command over lora_db.evaluation.
 
-    lora-db eval --model tiny-world --adapter robot --instance-dir photos --prompt "a photo of sks robot" \
-        --prompt "a photo of a red car" --class-prompt "a photo of a robot" --num-images 4 --out robot-eval
+    lora-db eval --model tiny-world --adapter heart-run --instance-dir photos --prompt "a photo of sks toy" \
+        --prompt "a photo of a blue ring" --class-prompt "a photo of a toy" --num-images 4 --out heart-eval
 
 Options, defaults and help text come from EvalConfig (lora_db.config.evaluate) through the one option generator.
 """
@@ -25,9 +25,9 @@ def eval_command(**values: Any) -> None:
     drift, diversity, beside the photos, the ceiling (photos through the VAE) and --describe.
 
     A run folder as --adapter evaluates each checkpoint and its final adapter, plots subject fidelity against the
-    step and names the best checkpoint. Example: lora-db eval --model tiny-world --adapter robot-run
-    --instance-dir photos --prompt "a photo of sks robot" --prompt "a photo of a red car"
-    --class-prompt "a photo of a robot" --describe "a photo of a red robot with a teal head" --out robot-eval
+    step and names the best checkpoint. Example: lora-db eval --model tiny-world --adapter heart-run
+    --instance-dir photos --prompt "a photo of sks toy" --prompt "a photo of a blue ring"
+    --class-prompt "a photo of a toy" --describe "a photo of a red toy with pink stripes" --out heart-eval
     """
     from lora_db.evaluation.evaluate import evaluate, table_lines
 

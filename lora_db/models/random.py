@@ -188,7 +188,15 @@ def derive_scaling_factor(vae, pixels: torch.Tensor, seed: int = 0) -> float:
 
 
 def uvit(
-    *, text_dim: int, clip_img_dim: int, num_text_tokens: int, heads: int, head_dim: int, layers: int, sample_size: int
+    *,
+    text_dim: int,
+    clip_img_dim: int,
+    num_text_tokens: int,
+    heads: int,
+    head_dim: int,
+    layers: int,
+    sample_size: int,
+    patch_size: int = 2,
 ):
     """A U-ViT with thu-ml/unidiffuser-v1's block layout (its public constructor values), sized by the arguments."""
     from diffusers import UniDiffuserModel
@@ -206,7 +214,7 @@ def uvit(
         norm_num_groups=32,
         attention_bias=False,
         sample_size=sample_size,
-        patch_size=2,
+        patch_size=patch_size,
         activation_fn="gelu",
         num_embeds_ada_norm=1000,
         norm_type="layer_norm",

@@ -41,7 +41,7 @@ GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrtwy0123456789&#?@%"
 _FONTS: dict[int, ImageFont.FreeTypeFont] = {}
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def glyph_font(size: int) -> ImageFont.FreeTypeFont:
     """PIL's bundled font (no file on disk needed), cached per size: loading one costs about 1 ms."""
     if size not in _FONTS:
         _FONTS[size] = ImageFont.load_default(size=size)
@@ -81,7 +81,7 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return y, x
 
 
-def _coordinates(size: int, angle: float) -> tuple[np.ndarray, np.ndarray]:
+def coordinates(size: int, angle: float) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates rotated by `angle`: u runs along the pattern direction, v across it."""
     y, x = _grid(size)
     cos, sin = math.cos(angle), math.sin(angle)
@@ -92,7 +92,7 @@ def _rgb(colour: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(c + 0.5) for c in colour)
 
 
-def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> Image.Image:
+def mix_colours(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> Image.Image:
     """Colour a where t is 0, b where t is 1: PIL's uint8 compositing, ~10x faster than float numpy at 256 px."""
     size = t.shape[::-1]
     weight = Image.fromarray((t * 255.0 + 0.5).astype(np.uint8), mode="L")
@@ -113,24 +113,24 @@ def random_fill(rng: random.Random, size: int, kind: str | None = None, base: np
     angle = rng.uniform(0.0, math.pi)
     period = size * rng.uniform(0.05, 0.25)
     if kind == "stripes":
-        u, _ = _coordinates(size, angle)
-        return _mix(a, b, (((u / period) % 1.0) < rng.uniform(0.3, 0.7)).astype(np.float32))
+        u, _ = coordinates(size, angle)
+        return mix_colours(a, b, (((u / period) % 1.0) < rng.uniform(0.3, 0.7)).astype(np.float32))
     if kind == "checks":
-        u, v = _coordinates(size, rng.choice((0.0, 0.0, math.pi / 4, angle)))
-        return _mix(a, b, ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32))
+        u, v = coordinates(size, rng.choice((0.0, 0.0, math.pi / 4, angle)))
+        return mix_colours(a, b, ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32))
     if kind == "dots":
-        u, v = _coordinates(size, rng.choice((0.0, angle)))
+        u, v = coordinates(size, rng.choice((0.0, angle)))
         du, dv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
-        return _mix(a, b, (du * du + dv * dv < rng.uniform(0.04, 0.2)).astype(np.float32))
+        return mix_colours(a, b, (du * du + dv * dv < rng.uniform(0.04, 0.2)).astype(np.float32))
     if kind == "gradient":
-        u, _ = _coordinates(size, rng.uniform(0.0, 2 * math.pi))
+        u, _ = coordinates(size, rng.uniform(0.0, 2 * math.pi))
         low, high = u.min(), u.max()
-        return _mix(a, b, (u - low) / max(high - low, 1.0))
+        return mix_colours(a, b, (u - low) / max(high - low, 1.0))
     if kind == "smooth_noise":
         cells = rng.choice((2, 3, 4, 6, 8))
         grid = np.random.default_rng(rng.getrandbits(32)).random((cells, cells)).astype(np.float32)
         t = np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.Resampling.BICUBIC))
-        return _mix(a, b, np.clip(t, 0.0, 1.0))
+        return mix_colours(a, b, np.clip(t, 0.0, 1.0))
     # grain: per-pixel noise around one colour (grey or coloured), drawn at output resolution so that the box
     # filter keeps it
     noise_rng = np.random.default_rng(rng.getrandbits(32))
@@ -143,7 +143,7 @@ def random_fill(rng: random.Random, size: int, kind: str | None = None, base: np
 # -- shapes: an L mask at the supersampled size ---------------------------------------------------------------------
 
 
-def _regular(cx, cy, radius, sides, rotation, jitter, rng) -> list[tuple[float, float]]:
+def regular_polygon(cx, cy, radius, sides, rotation, jitter, rng) -> list[tuple[float, float]]:
     points = []
     for k in range(sides):
         angle = rotation + 2 * math.pi * k / sides
@@ -152,7 +152,7 @@ def _regular(cx, cy, radius, sides, rotation, jitter, rng) -> list[tuple[float, 
     return points
 
 
-def _star(cx, cy, radius, points, inner, rotation) -> list[tuple[float, float]]:
+def star_points(cx, cy, radius, points, inner, rotation) -> list[tuple[float, float]]:
     out = []
     for k in range(2 * points):
         r = radius if k % 2 == 0 else radius * inner
@@ -161,7 +161,7 @@ def _star(cx, cy, radius, points, inner, rotation) -> list[tuple[float, float]]:
     return out
 
 
-def _rotate_points(points, cx, cy, angle) -> list[tuple[float, float]]:
+def rotate_points(points, cx, cy, angle) -> list[tuple[float, float]]:
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in points]
 
@@ -172,10 +172,10 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, radiu
     rotation = rng.uniform(0.0, 2 * math.pi)
     if kind == "polygon":
         sides = rng.randint(3, 8)
-        draw.polygon(_regular(cx, cy, radius, sides, rotation, rng.choice((0.0, 0.0, 0.25)), rng), fill=fill)
+        draw.polygon(regular_polygon(cx, cy, radius, sides, rotation, rng.choice((0.0, 0.0, 0.25)), rng), fill=fill)
     elif kind == "star":
         points = rng.randint(4, 8)
-        draw.polygon(_star(cx, cy, radius, points, rng.uniform(0.35, 0.6), rotation), fill=fill)
+        draw.polygon(star_points(cx, cy, radius, points, rng.uniform(0.35, 0.6), rotation), fill=fill)
     elif kind == "disc":
         ry = radius * rng.choice((1.0, rng.uniform(0.5, 1.0)))
         box = [(cx - radius, cy - ry), (cx + radius, cy + ry)]
@@ -188,9 +188,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, radiu
         arm = radius * rng.uniform(0.18, 0.4)
         plus = [(-arm, -radius), (arm, -radius), (arm, -arm), (radius, -arm), (radius, arm), (arm, arm),
                 (arm, radius), (-arm, radius), (-arm, arm), (-radius, arm), (-radius, -arm), (-arm, -arm)]  # fmt: skip
-        draw.polygon(_rotate_points([(cx + x, cy + y) for x, y in plus], cx, cy, rotation), fill=fill)
+        draw.polygon(rotate_points([(cx + x, cy + y) for x, y in plus], cx, cy, rotation), fill=fill)
     else:  # glyph: drawn upright on its own canvas, then rotated a little and pasted
-        font = _font(max(8, round(radius * 2.2)))
+        font = glyph_font(max(8, round(radius * 2.2)))
         text = rng.choice(GLYPHS)
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         side = round(max(right - left, bottom - top) * 1.5) + 2
@@ -215,7 +215,7 @@ def random_background(rng: random.Random, size: int) -> Image.Image:
     # split: two tones along a line; horizontal most often, as a wall and a floor
     a, b = random_colour(rng), random_colour(rng)
     angle = rng.choice((math.pi / 2, math.pi / 2, rng.uniform(0.0, math.pi)))
-    u, _ = _coordinates(size, angle)
+    u, _ = coordinates(size, angle)
     offset = np.quantile(u, rng.uniform(0.3, 0.8))
     upper = random_fill(rng, size, rng.choice(("solid", "solid", "gradient")), base=a)
     lower = random_fill(rng, size, rng.choice(("solid", "solid", "gradient", "smooth_noise")), base=b)
@@ -271,6 +271,12 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) in [-1, 1], as lora_db.data.to_tensor and the VAE expect."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] back to a PIL picture."""
+    array = ((pixels.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(array, mode="RGB")
 
 
 def pictures(seed: int, start: int, count: int, size: int = IMAGE_SIZE) -> torch.Tensor:

@@ -1,21 +1,25 @@
 """tiny-world: a small UniDiffuser pretrained here, offline, on a synthetic captioned world.
 
 `--model tiny` has random weights: fine for testing the machinery, useless for judging whether an adapter learns
-a subject. tiny-world is a UniDiffuser whose parts have all been trained, on 32 px pictures of robots, cars,
-houses and balls in six colours and four settings, captioned "a photo of a red robot on the beach":
+a subject. tiny-world is a UniDiffuser whose parts have all been trained, on 64 px pictures of toys of ten
+shapes in sixteen colours, plain or patterned, in five settings or on a plain colour, captioned compositionally
+("a photo of a magenta star with white dots on yellow"; lora_db.synthetic.world):
 
 1. the world is drawn with PIL (`make_world`), deterministic from its seed;
-2. a small AutoencoderKL learns to reconstruct it; its `scaling_factor` is 1 / std of its latents on the world;
+2. a small AutoencoderKL (16 x 16 x 4 latents) learns to reconstruct a broad procedural distribution and the
+   world (lora_db.synthetic.vae), so it can draw subjects neither shows; its `scaling_factor` is 1 / std of its
+   latents on the world; the build prints its round-trip error on the DreamBooth subject set, which it never saw;
 3. a small CLIP (text and vision towers with projections) learns to match pictures and captions
    contrastively; its towers become the pipeline's text and image encoders, and the whole CLIP model is also
    saved as `clip/` so `lora-db eval --clip-model` can score prompt fidelity (CLIP-T);
 4. the U-ViT (with the caption decoder's `encode` projection) learns UniDiffuser's text-to-image objective
    through lora-db's own `dreambooth_loss`, with 10% unconditional examples so guidance works;
 5. a judge for `lora-db eval` (lora_db.synthetic.judge): an image encoder trained without text, self-supervised on
-   procedural pictures, that no part of the model ever sees, saved as `judge/`.
+   procedural pictures, that no part of the model ever sees, saved as `judge/`. It trains in a second process
+   beside the VAE (one thread each), and the U-ViT then takes both cores.
 
-The DreamBooth subject is the toy robot of `lora_db.synthetic.demo.make_demo_images` (teal head, red body, yellow star):
-the world's robots are one colour and starless, so the model never saw it.
+DreamBooth subjects come from lora_db.synthetic.subjects (hearts, crescents, arrows, ... and the demo robot):
+shapes the world never shows, all "a photo of sks toy".
 
     python -m lora_db.synthetic.tiny_world build lora_db/assets/tiny-world  # the shipped weights, bit for bit
     python -m lora_db.synthetic.tiny_world preview --out grid.png              # prompt per column, seed per row
@@ -51,16 +55,20 @@ from lora_db.models.random import (
     uvit,
 )
 from lora_db.models.sampling import generate_images
-from lora_db.synthetic.judge import JUDGE_FOLDER, build_judge
-from lora_db.synthetic.world import CLASSES, COLOURS, IMAGE_SIZE, SETTINGS, make_world
+from lora_db.synthetic import procedural
+from lora_db.synthetic.judge import CONFIG_FILE, JUDGE_FOLDER, JudgeConfig, build_judge
+from lora_db.synthetic.vae import VaeSchedule, held_out_report, train_vae
+from lora_db.synthetic.world import CLASS_WORD, IMAGE_SIZE, make_world, vocabulary
 
 logger = logging.getLogger("lora_db")
 
-# The DreamBooth subject for evaluation and demos: make_demo_images' toy robot, which the world never shows.
-SUBJECT_CLASS = "robot"
-SUBJECT_PROMPT = "a photo of sks robot"
-CLASS_PROMPT = "a photo of a robot"
-TEXT_LENGTH = 16  # tokens: each word of the world is one, so the longest caption takes 11 with start and end
+# DreamBooth on tiny-world: any subject is a "toy", the world's word for every object it shows.
+SUBJECT_CLASS = CLASS_WORD
+SUBJECT_PROMPT = f"a photo of sks {CLASS_WORD}"
+CLASS_PROMPT = f"a photo of a {CLASS_WORD}"
+# tokens: each word of the world is one, so the longest caption ("a photo of an orange hexagon with white stripes
+# in a room") takes 15 with start and end; 20 leaves room for an identifier of several byte tokens.
+TEXT_LENGTH = 20
 
 
 # -- the world ------------------------------------------------------------------------------------------------------
@@ -77,36 +85,41 @@ class BuildConfig:
     # One thread: results depend on the thread count (summation order), and on a busy 2-core machine a second
     # thread made these small kernels up to 40x slower (threads spin waiting for each other).
     threads: int = 1
-    world_size: int = 4096
-    # Three blocks: 32 px pictures become 8 x 8 x 4 latents (12x fewer numbers; SD's VAE keeps 48x fewer, which
-    # a VAE trained for minutes on a CPU reconstructed too poorly for CLIP-I to recognise the subject).
+    world_size: int = 8192
+    # Three blocks: 64 px pictures become 16 x 16 x 4 latents (12x fewer numbers; SD's VAE keeps 48x fewer, which
+    # a VAE trained for minutes on a CPU reconstructs too poorly to draw a subject's shape).
     vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_steps: int = 1500
+    vae_steps: int = 2600
+    vae_small_steps: int = 1000
     vae_batch: int = 16
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-5
+    vae_lr: float = 5e-4
+    vae_pool: int = 12000  # procedural pictures drawn once for the VAE
     clip_width: int = 64
     clip_layers: int = 3
+    clip_patch: int = 8
     clip_dim: int = 32  # projection size: the U-ViT's CLIP image embedding
     clip_steps: int = 400
     clip_batch: int = 128
     clip_lr: float = 2e-3
     text_dim: int = 16
-    uvit_heads: int = 3
+    uvit_heads: int = 4
     uvit_head_dim: int = 32
-    uvit_layers: int = 7
-    uvit_steps: int = 1200
-    uvit_batch: int = 64
-    uvit_lr: float = 1.5e-3
+    uvit_layers: int = 9
+    uvit_patch: int = 2  # latent pixels per token side: 16 x 16 latents make 8 x 8 tokens
+    uvit_steps: int = 3000
+    uvit_batch: int = 32
+    uvit_lr: float = 1e-3
+    uvit_threads: int = 2  # the U-ViT runs alone: both cores
+    uvit_broad_fraction: float = 0.25
+    uvit_broad_pool: int = 4096
+    judge_steps: int = JudgeConfig.steps
+    judge_pool: int = JudgeConfig.pool
     uncond_prob: float = 0.1
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
 def world_words() -> list[str]:
-    words = {"a", "an", "photo", "of", *CLASSES, *COLOURS}
-    for setting in SETTINGS:
-        words.update(setting.split())
-    return sorted(words)
+    return vocabulary()
 
 
 def train_merges(words: list[str]) -> list[tuple[str, str]]:
@@ -194,7 +207,7 @@ def build_components(config: BuildConfig):
                 "num_hidden_layers": config.clip_layers,
                 "num_attention_heads": 4,
                 "image_size": IMAGE_SIZE,
-                "patch_size": 4,
+                "patch_size": config.clip_patch,
                 "hidden_act": "quick_gelu",
             },
             projection_dim=config.clip_dim,
@@ -224,6 +237,7 @@ def build_components(config: BuildConfig):
         head_dim=config.uvit_head_dim,
         layers=config.uvit_layers,
         sample_size=IMAGE_SIZE // 4,
+        patch_size=config.uvit_patch,
     )
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", solver_order=3
@@ -247,9 +261,13 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
 
 
 def _steps(name: str, total: int):
+    return _bar(name, range(total))
+
+
+def _bar(name: str, steps):
     from tqdm.auto import tqdm
 
-    return tqdm(range(total), desc=name, unit="step")
+    return tqdm(steps, desc=name, unit="step")
 
 
 def _set_lr(optimizer, lr: float) -> None:
@@ -266,26 +284,6 @@ def _optimizer_step(optimizer, loss: torch.Tensor, losses: list[float], bar, cli
     optimizer.step()
     losses.append(loss.item())
     bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
-
-
-def train_vae(vae, pixels: torch.Tensor, config: BuildConfig) -> list[float]:
-    """Reconstruction (L1 + MSE) plus a small KL term, as SD's VAE (without its adversarial and LPIPS terms)."""
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    losses = []
-    vae.train()
-    for step in (bar := _steps("vae", config.vae_steps)):
-        _set_lr(optimizer, _cosine_lr(step, config.vae_steps, config.vae_lr))
-        index = torch.randint(0, len(pixels), (config.vae_batch,), generator=generator)
-        batch = pixels[index]
-        dist = vae.encode(batch).latent_dist
-        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)
-        recon = vae.decode(latents).sample
-        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
-        loss = (recon - batch).abs().mean() + (recon - batch).pow(2).mean() + config.vae_kl_weight * kl
-        _optimizer_step(optimizer, loss, losses, bar)
-    vae.eval()
-    return losses
 
 
 def statistics_mean(values: list[float]) -> float:
@@ -349,8 +347,14 @@ def pipeline_encoders(clip, clip_pixels: torch.Tensor):
     return text_encoder.eval(), image_encoder.eval()
 
 
-def train_uvit(parts, latents, clip_embeds, hidden, prompt_index, config: BuildConfig) -> list[float]:
-    """UniDiffuser's t2i objective (lora_db's dreambooth_loss) on the whole U-ViT and the prompt projection."""
+def train_uvit(parts, world, broad, config: BuildConfig) -> list[float]:
+    """UniDiffuser's t2i objective (lora_db's dreambooth_loss) on the whole U-ViT and the prompt projection.
+
+    `world` is (latent means, latent stds, CLIP image embeddings, caption hidden states, caption index per picture);
+    `broad` is (latent means, CLIP image embeddings) of procedural pictures, trained unconditionally (text dropped)
+    in a `uvit_broad_fraction` of each batch: a prior over any shape and colour for a LoRA to bend, beside the
+    world's words. Min-SNR weighting (gamma 5, Hang et al. 2023) speeds up convergence several times.
+    """
     from diffusers import DDPMScheduler
 
     unet, text_decoder = parts["unet"], parts["text_decoder"]
@@ -358,87 +362,161 @@ def train_uvit(parts, latents, clip_embeds, hidden, prompt_index, config: BuildC
     generator = torch.Generator().manual_seed(config.seed + 3)
     trained = [*unet.parameters(), *text_decoder.encode_prefix.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=config.uvit_lr, weight_decay=0.01)
-    mean, std = latents
+    mean, std, clip_embeds, hidden, prompt_index = world
+    broad_mean, broad_clip = broad
     scale = parts["vae"].config.scaling_factor
+    n_broad = round(config.uvit_batch * config.uvit_broad_fraction)
+    n_world = config.uvit_batch - n_broad
     losses = []
     unet.train()
     for step in (bar := _steps("u-vit", config.uvit_steps)):
         _set_lr(optimizer, _cosine_lr(step, config.uvit_steps, config.uvit_lr, warmup=100))
-        index = torch.randint(0, len(mean), (config.uvit_batch,), generator=generator)
+        index = torch.randint(0, len(mean), (n_world,), generator=generator)
         noise = torch.randn(mean[index].shape, generator=generator)
         batch_latents = (mean[index] + std[index] * noise) * scale
         prompt_embeds = text_decoder.encode(hidden[prompt_index[index]])
-        loss = dreambooth_loss(
-            unet, batch_latents, clip_embeds[index], prompt_embeds, noise_scheduler, generator, config.uncond_prob
-        ).mean()
+        per_example = [
+            dreambooth_loss(
+                unet, batch_latents, clip_embeds[index], prompt_embeds, noise_scheduler, generator,
+                config.uncond_prob, snr_gamma=5.0,
+            )
+        ]  # fmt: skip
+        if n_broad:
+            picks = torch.randint(0, len(broad_mean), (n_broad,), generator=generator)
+            per_example.append(
+                dreambooth_loss(
+                    unet, broad_mean[picks] * scale, broad_clip[picks], prompt_embeds[:n_broad], noise_scheduler,
+                    generator, uncond_prob=1.0, snr_gamma=5.0,
+                )
+            )  # fmt: skip
+        loss = torch.cat(per_example).mean()
         _optimizer_step(optimizer, loss, losses, bar, clip=trained)
     unet.eval()
     return losses
 
 
 def build(out: str | Path, config: BuildConfig | None = None) -> dict:
-    """Draw the world, train VAE, CLIP and U-ViT, and save a diffusers UniDiffuser folder to `out`."""
+    """Draw the world, train VAE, CLIP and U-ViT (and the judge beside them), save a diffusers folder to `out`."""
     from diffusers import UniDiffuserPipeline
 
     config = config or BuildConfig()
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    try:
-        world = make_world(config.world_size, config.seed)
-        images = [image for image, _ in world]
-        captions = [caption for _, caption in world]
-        pixels = torch.stack([to_tensor(image) for image in images])
-        parts, clip = build_components(config)
-        config.timings_s["world"] = time.perf_counter() - started
-
-        mark = time.perf_counter()
-        vae_losses = train_vae(parts["vae"], pixels, config)
-        vae = parts["vae"]
-        vae.register_to_config(scaling_factor=derive_scaling_factor(vae, pixels[:512], seed=config.seed))
-        with torch.no_grad():
-            dists = [vae.encode(b).latent_dist for b in pixels.split(256)]
-        latents = (torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]))
-        config.timings_s["vae"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        clip_pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
-        tokens = _tokens(parts["clip_tokenizer"], captions)
-        clip_losses = train_clip(clip, clip_pixels, tokens, captions, config)
-        text_encoder, image_encoder = pipeline_encoders(clip, clip_pixels)
-        with torch.no_grad():
-            clip_embeds = torch.cat([image_encoder(pixel_values=b).image_embeds for b in clip_pixels.split(256)])
-            unique = sorted(set(captions))
-            hidden = text_encoder(_tokens(parts["clip_tokenizer"], unique))[0]
-        prompt_index = torch.tensor([unique.index(c) for c in captions])
-        config.timings_s["clip"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        uvit_losses = train_uvit(parts, latents, clip_embeds[:, None], hidden, prompt_index, config)
-        config.timings_s["uvit"] = time.perf_counter() - mark
-        config.timings_s["total"] = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(threads)
-
-    pipe = UniDiffuserPipeline(text_encoder=text_encoder, image_encoder=image_encoder, **parts)
-    report = {
-        "config": asdict(config),
-        "scaling_factor": vae.config.scaling_factor,
-        "final_losses": {
-            "vae": statistics_mean(vae_losses[-50:]),
-            "clip": statistics_mean(clip_losses[-50:]),
-            "uvit": statistics_mean(uvit_losses[-50:]),
-        },
-        "torch": torch.__version__,
-    }
+    out = Path(out)
     with atomic_directory(out, replace=True) as tmp:
+        judge_config = JudgeConfig(seed=config.seed, steps=config.judge_steps, pool=config.judge_pool)
+        judge_process = _start_judge(tmp / JUDGE_FOLDER, judge_config, config.threads)
+        try:
+            world = make_world(config.world_size, config.seed)
+            images = [image for image, _ in world]
+            captions = [caption for _, caption in world]
+            pixels = torch.stack([to_tensor(image) for image in images])
+            parts, clip = build_components(config)
+            config.timings_s["world"] = time.perf_counter() - started
+
+            mark = time.perf_counter()
+            vae = parts["vae"]
+            schedule = VaeSchedule(
+                seed=config.seed,
+                steps=config.vae_steps,
+                small_steps=config.vae_small_steps,
+                batch=config.vae_batch,
+                lr=config.vae_lr,
+                pool=config.vae_pool,
+            )
+            world_uint8 = ((pixels + 1) * 127.5).round().to(torch.uint8)
+            vae_losses = train_vae(vae, world_uint8, schedule, progress=lambda steps: _bar("vae", steps))
+            vae.register_to_config(scaling_factor=derive_scaling_factor(vae, pixels[:512], seed=config.seed))
+            vae_held_out = held_out_report(vae)
+            logger.info(
+                "VAE round trip on the DreamBooth subject set (never trained on): RMS %.3f mean, %.3f max "
+                "on the [-1, 1] scale",
+                vae_held_out["mean"],
+                vae_held_out["max"],
+            )
+            with torch.no_grad():
+                dists = [vae.encode(b).latent_dist for b in pixels.split(256)]
+            latents = (torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]))
+            config.timings_s["vae"] = time.perf_counter() - mark
+
+            mark = time.perf_counter()
+            clip_pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
+            tokens = _tokens(parts["clip_tokenizer"], captions)
+            clip_losses = train_clip(clip, clip_pixels, tokens, captions, config)
+            text_encoder, image_encoder = pipeline_encoders(clip, clip_pixels)
+            with torch.no_grad():
+                clip_embeds = torch.cat([image_encoder(pixel_values=b).image_embeds for b in clip_pixels.split(256)])
+                unique = sorted(set(captions))
+                hidden = text_encoder(_tokens(parts["clip_tokenizer"], unique))[0]
+            prompt_index = torch.tensor([unique.index(c) for c in captions])
+            config.timings_s["clip"] = time.perf_counter() - mark
+
+            mark = time.perf_counter()
+            judge_report = _join_judge(judge_process, tmp / JUDGE_FOLDER)  # the second core is free from here
+            config.timings_s["judge_wait"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            torch.set_num_threads(config.uvit_threads)
+            broad_pixels = procedural.uint8_to_unit(procedural.pool_uint8(config.seed + 11, config.uvit_broad_pool))
+            with torch.no_grad():
+                broad_mean = torch.cat([vae.encode(b).latent_dist.mean for b in broad_pixels.split(256)])
+                broad_clip_pixels = parts["clip_image_processor"](
+                    images=[procedural.to_image(p) for p in broad_pixels], return_tensors="pt"
+                )["pixel_values"]
+                broad_clip = torch.cat(
+                    [image_encoder(pixel_values=b).image_embeds for b in broad_clip_pixels.split(256)]
+                )
+            world_data = (*latents, clip_embeds[:, None], hidden, prompt_index)
+            uvit_losses = train_uvit(parts, world_data, (broad_mean, broad_clip[:, None]), config)
+            config.timings_s["uvit"] = time.perf_counter() - mark
+            config.timings_s["total"] = time.perf_counter() - started
+        finally:
+            torch.set_num_threads(threads)
+            if judge_process.is_alive():
+                judge_process.terminate()
+                judge_process.join()
+
+        pipe = UniDiffuserPipeline(text_encoder=text_encoder, image_encoder=image_encoder, **parts)
+        report = {
+            "config": asdict(config),
+            "scaling_factor": vae.config.scaling_factor,
+            "vae_held_out_rms": vae_held_out,
+            "final_losses": {
+                "vae": statistics_mean(vae_losses[-50:]),
+                "clip": statistics_mean(clip_losses[-50:]),
+                "uvit": statistics_mean(uvit_losses[-50:]),
+            },
+            "torch": torch.__version__,
+            "judge": judge_report,
+        }
         pipe.save_pretrained(tmp, safe_serialization=True)
         clip.save_pretrained(tmp / "clip", safe_serialization=True)
         parts["clip_tokenizer"].save_pretrained(tmp / "clip")
         parts["clip_image_processor"].save_pretrained(tmp / "clip")
-        report["judge"] = _with_threads(config.threads, build_judge, tmp / JUDGE_FOLDER, log=logger.info)
         atomic_write_json(tmp / "build.json", report)
     return report
+
+
+def _judge_child(folder: str, config: JudgeConfig, threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="judge: %(message)s")
+    build_judge(Path(folder), config, log=logger.info)
+
+
+def _start_judge(folder: Path, config: JudgeConfig, threads: int):
+    """Train the judge in a second process (it shares nothing with the model), one thread, while the VAE trains."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=_judge_child, args=(str(folder), config, threads))
+    process.start()
+    return process
+
+
+def _join_judge(process, folder: Path) -> dict:
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"training the judge failed (exit code {process.exitcode}); see its output above")
+    return json.loads((folder / CONFIG_FILE).read_text())["report"]
 
 
 def add_judge(folder: str | Path) -> dict:
@@ -463,12 +541,12 @@ def _with_threads(threads: int, fn, *args, **kwargs):
 
 
 PREVIEW_PROMPTS = (
-    "a photo of a red robot in a room",
-    "a photo of a blue car on the beach",
-    "a photo of a yellow house on grass",
-    "a photo of a purple ball at night",
-    "a photo of a green robot on the beach",
-    "a photo of an orange car at night",
+    "a photo of a red star in a room",
+    "a photo of a blue disc with white stripes on the beach",
+    "a photo of a yellow triangle on grass",
+    "a photo of a purple ring at night",
+    "a photo of a green square with pink dots on snow",
+    "a photo of a magenta cross on yellow",
 )
 
 
@@ -488,7 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="draw the world and pretrain every part into DIR")
     build_parser.add_argument("out", type=Path)
-    for name in ("vae_steps", "clip_steps", "uvit_steps", "world_size", "threads", "seed"):
+    names = ("vae_steps", "vae_small_steps", "vae_pool", "clip_steps", "uvit_steps", "uvit_broad_pool", "judge_steps",
+             "judge_pool", "world_size", "threads", "uvit_threads", "seed")  # fmt: skip
+    for name in names:
         build_parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildConfig, name))
     judge_parser = commands.add_parser("judge", help="train only the judge into an existing tiny-world DIR")
     judge_parser.add_argument("out", type=Path)
@@ -502,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "build":
         values = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
         report = build(args.out, BuildConfig(**values))
-        print(json.dumps({k: report[k] for k in ("scaling_factor", "final_losses")}, indent=1))
+        print(json.dumps({k: report[k] for k in ("scaling_factor", "final_losses", "vae_held_out_rms")}, indent=1))
         print(f"built {args.out} in {report['config']['timings_s']['total']:.0f} s")
     elif args.command == "judge":
         report = add_judge(args.out)

@@ -1,122 +1,258 @@
-"""tiny-world's world: robots, cars, houses and balls in six colours and four settings, drawn with PIL and captioned
-("a photo of a red robot on the beach"), deterministic from a seed."""
+"""tiny-world's captioned world (second edition): toys of ten shapes in sixteen colours, plain or with a pattern
+in a second colour, standing in five settings or floating on a plain colour, drawn with PIL at 64 px and
+captioned compositionally ("a photo of a magenta star with white dots on yellow"), deterministic from a seed.
+
+The first world had four kinds (robot, car, house, ball) in six colours: its CLIP and U-ViT knew a palette, not
+shapes, so a LoRA had nothing to bend towards a subject outside it. This one gives the U-ViT a prior over shapes,
+colours, patterns and places that words combine freely, and one class word for all of them: a caption says
+"toy" instead of the shape a third of the time, so "a photo of a toy" (DreamBooth's class prompt) is a prompt the
+model knows, and "a photo of sks toy" can be bent to any subject.
+
+The DreamBooth benchmark subjects (lora_db.synthetic.subjects) are hearts, crescents, arrows, umbrellas and more:
+no shape of this world.
+"""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from lora_db.synthetic.demo import ROBOT_OUTLINE, draw_robot
+from lora_db.synthetic.procedural import (
+    coordinates,
+    glyph_font,
+    mix_colours,
+    regular_polygon,
+    rotate_points,
+    star_points,
+)
 
-IMAGE_SIZE = 32
-
-
-CLASSES = ("robot", "car", "house", "ball")
-
+IMAGE_SIZE = 64
+SUPERSAMPLE = 4
+CLASS_WORD = "toy"  # the word for any object of the world: DreamBooth's class noun
 
 COLOURS = {
-    "red": (222, 52, 40),
-    "green": (46, 160, 67),
-    "blue": (44, 96, 222),
-    "yellow": (250, 206, 24),
-    "purple": (138, 62, 178),
+    "red": (222, 40, 40),
     "orange": (250, 138, 28),
+    "yellow": (250, 214, 40),
+    "lime": (170, 226, 40),
+    "green": (40, 150, 60),
+    "teal": (30, 160, 150),
+    "cyan": (60, 220, 230),
+    "blue": (44, 96, 222),
+    "navy": (30, 40, 110),
+    "purple": (130, 50, 180),
+    "magenta": (220, 30, 170),
+    "pink": (250, 170, 200),
+    "brown": (130, 80, 40),
+    "black": (24, 24, 28),
+    "white": (245, 245, 245),
+    "grey": (140, 140, 146),
 }
-
-
-SETTINGS = ("in a room", "on grass", "on the beach", "at night")
+SHAPES = ("square", "disc", "triangle", "star", "ring", "cross", "diamond", "hexagon", "oval", "bar")
+PATTERNS = ("stripes", "checks", "dots", "letter")
+SETTINGS = ("in a room", "on grass", "on the beach", "at night", "on snow")
+BACKDROP_COLOURS = ("yellow", "cyan", "pink", "white", "black", "grey", "blue", "green", "orange", "lime")
+_LETTERS = "AEFHKMNRSTXZ"
+_NO_JITTER = random.Random(0)  # regular_polygon draws a jitter per corner; zero jitter needs no randomness
 
 
 @dataclass(frozen=True)
 class Scene:
-    """What one picture shows; a caption may leave out the colour or the setting (so "a photo of a robot" is
-    a prompt the model knows: the class prompt of prior preservation)."""
+    """What one picture shows. A caption may name the shape or only "toy", and may leave out the colour, the
+    pattern or the place, so every shorter prompt (down to "a photo of a toy") is one the model has seen."""
 
-    kind: str
+    shape: str
     colour: str
-    setting: str
+    pattern: str | None = None  # None: one colour all over
+    pattern_colour: str = "white"
+    place: str = "in a room"  # a setting, or "on <colour>" for a plain backdrop
+    say_shape: bool = True
     say_colour: bool = True
-    say_setting: bool = True
+    say_pattern: bool = True
+    say_place: bool = True
 
     @property
     def caption(self) -> str:
-        colour = f"{self.colour} " if self.say_colour else ""
-        article = "an" if colour.startswith("orange") else "a"
-        setting = f" {self.setting}" if self.say_setting else ""
-        return f"a photo of {article} {colour}{self.kind}{setting}"
+        words = [self.colour] if self.say_colour else []
+        words.append(self.shape if self.say_shape else CLASS_WORD)
+        article = "an" if words[0][0] in "aeiou" else "a"
+        text = f"a photo of {article} {' '.join(words)}"
+        if self.pattern and self.say_pattern:
+            if self.pattern == "letter":
+                text += f" with a {self.pattern_colour} letter"
+            else:
+                text += f" with {self.pattern_colour} {self.pattern}"
+        if self.say_place:
+            text += f" {self.place}"
+        return text
 
 
 def random_scene(rng: random.Random) -> Scene:
+    colour = rng.choice(list(COLOURS))
+    pattern = rng.choice((None, None, *PATTERNS))
+    pattern_colour = rng.choice([c for c in COLOURS if c != colour])
+    if rng.random() < 0.7:
+        place = rng.choice(SETTINGS)
+    else:
+        place = "on " + rng.choice([c for c in BACKDROP_COLOURS if c != colour])
     return Scene(
-        kind=rng.choice(CLASSES),
-        colour=rng.choice(list(COLOURS)),
-        setting=rng.choice(SETTINGS),
-        say_colour=rng.random() > 0.2,
-        say_setting=rng.random() > 0.2,
+        shape=rng.choice(SHAPES),
+        colour=colour,
+        pattern=pattern,
+        pattern_colour=pattern_colour,
+        place=place,
+        say_shape=rng.random() > 0.3,
+        say_colour=rng.random() > 0.15,
+        say_pattern=rng.random() > 0.2,
+        say_place=rng.random() > 0.2,
     )
 
 
-def make_world(count: int, seed: int = 0) -> list[tuple[Image.Image, str]]:
+def make_world(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, str]]:
     """`count` (picture, caption) pairs; the same seed draws the same world."""
     rng = random.Random(seed)
     world = []
     for _ in range(count):
         scene = random_scene(rng)
-        world.append((render(scene, rng), scene.caption))
+        world.append((render(scene, rng, size), scene.caption))
     return world
 
 
-_SUPERSAMPLE = 4
+def vocabulary() -> list[str]:
+    """Every word a caption can use, sorted."""
+    words = {"a", "an", "photo", "of", "with", "on", CLASS_WORD, *COLOURS, *SHAPES, *PATTERNS}
+    for setting in SETTINGS:
+        words.update(setting.split())
+    return sorted(words)
 
 
-_ROOMS = (
+# -- drawing --------------------------------------------------------------------------------------------------------
+
+_OUTLINE = (40, 40, 50)
+_ROOMS = (  # wall, floor
     ((214, 228, 240), (170, 140, 110)),
     ((240, 226, 200), (120, 150, 120)),
     ((225, 215, 235), (150, 150, 160)),
     ((200, 230, 215), (190, 170, 140)),
     ((245, 240, 230), (110, 120, 140)),
-    ((235, 210, 205), (160, 130, 100)),
-)  # the demo photos' rooms (lora_db.synthetic.demo), so the subject's photos are scenes of this world
+    ((60, 64, 80), (120, 100, 80)),
+)
 
 
 def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    big = size * _SUPERSAMPLE
-    horizon = round(big * rng.uniform(0.6, 0.72))
-    canvas = _setting(scene.setting, big, horizon, rng)
-    side = round(big * rng.uniform(0.5, 0.66))
-    thing = _DRAW[scene.kind](side, COLOURS[scene.colour])
-    thing = thing.rotate(rng.uniform(-10.0, 10.0), resample=Image.Resampling.BICUBIC)
-    if rng.random() < 0.5:
-        thing = thing.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    left = round((big - side) / 2 + big * rng.uniform(-0.12, 0.12))
-    top = round(horizon - side * 0.88 + big * rng.uniform(-0.04, 0.04))
-    _shadow(canvas, left + side // 2, top + round(side * 0.93), side)
-    canvas.alpha_composite(thing, (left, top))
-    return canvas.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-
-
-def _setting(setting: str, size: int, horizon: int, rng: random.Random) -> Image.Image:
-    if setting == "in a room":
-        wall, floor = rng.choice(_ROOMS)
-        top = (255, 255, 255)
-    elif setting == "on grass":
-        wall, floor, top = (120, 180, 240), (74, 150, 58), (200, 230, 255)
-    elif setting == "on the beach":
-        wall, floor, top = (90, 170, 220), (232, 210, 150), (190, 225, 250)
+    big = size * SUPERSAMPLE
+    canvas, horizon = _place(scene.place, big, rng)
+    side = round(big * rng.uniform(0.42, 0.72))
+    toy = draw_toy(scene, side, rng)
+    toy = toy.rotate(rng.uniform(-15.0, 15.0), resample=Image.Resampling.BICUBIC)
+    left = round((big - side) / 2 + big * rng.uniform(-0.15, 0.15))
+    if horizon is None:
+        top = round((big - side) / 2 + big * rng.uniform(-0.12, 0.12))
     else:
-        wall, floor, top = (16, 22, 58), (52, 52, 66), (40, 44, 90)
+        top = round(horizon - side * 0.9 + big * rng.uniform(-0.04, 0.04))
+        _shadow(canvas, left + side // 2, top + round(side * 0.93), side)
+    canvas.alpha_composite(toy, (left, top))
+    return canvas.convert("RGB").resize((size, size), Image.Resampling.BOX)
+
+
+def draw_toy(scene: Scene, side: int, rng: random.Random) -> Image.Image:
+    """The object alone on a transparent square: its shape filled with its colour or pattern, outlined."""
+    mask = Image.new("L", (side, side), 0)
+    grown = Image.new("L", (side, side), 0)
+    line = max(2, side // 40)
+    _shape(ImageDraw.Draw(mask), scene.shape, side, 0)
+    _shape(ImageDraw.Draw(grown), scene.shape, side, line)
+    fill = _pattern(scene, side, rng)
+    toy = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    toy.paste((*_OUTLINE, 255), (0, 0, side, side), grown)
+    toy.paste(fill, (0, 0), mask)
+    return toy
+
+
+def _shape(draw: ImageDraw.ImageDraw, shape: str, side: int, grow: int) -> None:
+    c, r = side / 2, side * 0.42 + grow
+    if shape == "square":
+        draw.rectangle((c - r * 0.85, c - r * 0.85, c + r * 0.85, c + r * 0.85), fill=255)
+    elif shape == "disc":
+        draw.ellipse((c - r, c - r, c + r, c + r), fill=255)
+    elif shape == "oval":
+        draw.ellipse((c - r, c - r * 0.6, c + r, c + r * 0.6), fill=255)
+    elif shape == "bar":
+        draw.rectangle((c - r * 0.35, c - r, c + r * 0.35, c + r), fill=255)
+    elif shape == "triangle":
+        draw.polygon(regular_polygon(c, c + r * 0.15, r * 1.1, 3, -math.pi / 2, 0.0, _NO_JITTER), fill=255)
+    elif shape == "diamond":
+        draw.polygon([(c, c - r), (c + r * 0.7, c), (c, c + r), (c - r * 0.7, c)], fill=255)
+    elif shape == "hexagon":
+        draw.polygon(regular_polygon(c, c, r, 6, 0.0, 0.0, _NO_JITTER), fill=255)
+    elif shape == "star":
+        draw.polygon(star_points(c, c, r * 1.05, 5, 0.45, -math.pi / 2), fill=255)
+    elif shape == "ring":
+        width = round(r * 0.38 + 2 * grow)
+        draw.ellipse((c - r, c - r, c + r, c + r), outline=255, width=width)
+    else:  # cross
+        arm = r * 0.32
+        plus = [(-arm, -r), (arm, -r), (arm, -arm), (r, -arm), (r, arm), (arm, arm),
+                (arm, r), (-arm, r), (-arm, arm), (-r, arm), (-r, -arm), (-arm, -arm)]  # fmt: skip
+        draw.polygon(rotate_points([(c + x, c + y) for x, y in plus], c, c, 0.0), fill=255)
+
+
+def _pattern(scene: Scene, side: int, rng: random.Random) -> Image.Image:
+    a = np.array(COLOURS[scene.colour], dtype=np.float32)
+    b = np.array(COLOURS[scene.pattern_colour], dtype=np.float32)
+    if scene.pattern is None:
+        return Image.new("RGB", (side, side), COLOURS[scene.colour])
+    period = side * rng.uniform(0.16, 0.26)
+    if scene.pattern == "stripes":
+        u, _ = coordinates(side, rng.choice((0.0, math.pi / 2, math.pi / 4)))
+        return mix_colours(a, b, (((u / period) % 1.0) < 0.5).astype(np.float32))
+    if scene.pattern == "checks":
+        u, v = coordinates(side, 0.0)
+        return mix_colours(a, b, ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32))
+    if scene.pattern == "dots":
+        u, v = coordinates(side, 0.0)
+        du, dv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
+        return mix_colours(a, b, (du * du + dv * dv < 0.09).astype(np.float32))
+    image = Image.new("RGB", (side, side), COLOURS[scene.colour])  # letter: one big glyph in the middle
+    draw = ImageDraw.Draw(image)
+    font = glyph_font(round(side * 0.45))
+    draw.text((side / 2, side / 2), rng.choice(_LETTERS), fill=COLOURS[scene.pattern_colour], font=font, anchor="mm")
+    return image
+
+
+def _place(place: str, size: int, rng: random.Random) -> tuple[Image.Image, int | None]:
+    """The background and the horizon row a toy stands on (None: it floats on a plain colour)."""
     shade = Image.linear_gradient("L").resize((size, size))
-    scene = Image.composite(Image.new("RGBA", (size, size), wall), Image.new("RGBA", (size, size), top), shade)
-    draw = ImageDraw.Draw(scene)
+    if place.startswith("on ") and place[3:] in COLOURS:
+        colour = COLOURS[place[3:]]
+        light = tuple(min(255, round(c * 1.08 + 12)) for c in colour)
+        image = Image.composite(Image.new("RGBA", (size, size), colour), Image.new("RGBA", (size, size), light), shade)
+        return image, None
+    horizon = round(size * rng.uniform(0.6, 0.74))
+    if place == "in a room":
+        wall, floor = rng.choice(_ROOMS)
+        top = tuple(min(255, c + 30) for c in wall)
+    elif place == "on grass":
+        wall, floor, top = (120, 180, 240), (74, 150, 58), (200, 230, 255)
+    elif place == "on the beach":
+        wall, floor, top = (90, 170, 220), (232, 210, 150), (190, 225, 250)
+    elif place == "on snow":
+        wall, floor, top = (150, 170, 200), (236, 240, 248), (205, 215, 232)
+    else:  # at night
+        wall, floor, top = (16, 22, 58), (52, 52, 66), (40, 44, 90)
+    image = Image.composite(Image.new("RGBA", (size, size), wall), Image.new("RGBA", (size, size), top), shade)
+    draw = ImageDraw.Draw(image)
     draw.rectangle((0, horizon, size, size), fill=floor)
-    if setting == "on the beach":
+    if place == "on the beach":
         draw.rectangle((0, horizon - size // 14, size, horizon), fill=(40, 110, 190))
-    elif setting == "at night":
+    elif place == "at night":
         moon = rng.uniform(0.1, 0.9) * size
         draw.ellipse((moon - size * 0.05, size * 0.08, moon + size * 0.05, size * 0.18), fill=(240, 240, 200))
-    return scene
+    return image, horizon
 
 
 def _shadow(scene: Image.Image, centre_x: int, centre_y: int, side: int) -> None:
@@ -124,58 +260,3 @@ def _shadow(scene: Image.Image, centre_x: int, centre_y: int, side: int) -> None
     rx, ry = side * 0.34, side * 0.06
     ImageDraw.Draw(shadow).ellipse((centre_x - rx, centre_y - ry, centre_x + rx, centre_y + ry), (0, 0, 0, 90))
     scene.alpha_composite(shadow.filter(ImageFilter.GaussianBlur(max(1.0, side / 40))))
-
-
-_OUTLINE = ROBOT_OUTLINE
-
-
-def _canvas(side: int):
-    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-
-    def box(x0, y0, x1, y1):
-        return (x0 * side, y0 * side, x1 * side, y1 * side)
-
-    return image, ImageDraw.Draw(image), box, max(1, side // 90)
-
-
-def _draw_robot(side: int, colour: tuple) -> Image.Image:
-    """The demo photos' robot in one colour all over, grey antenna, no star: the subject's two colours and star
-    are never seen."""
-    return draw_robot(side, head=colour, body=colour, antenna=(170, 170, 178, 255))
-
-
-def _draw_car(side: int, colour: tuple) -> Image.Image:
-    image, draw, box, line = _canvas(side)
-    draw.polygon([(0.28 * side, 0.62 * side), (0.36 * side, 0.42 * side), (0.66 * side, 0.42 * side),
-                  (0.76 * side, 0.62 * side)], fill=colour, outline=_OUTLINE, width=line)  # fmt: skip
-    draw.polygon([(0.37 * side, 0.6 * side), (0.41 * side, 0.47 * side), (0.63 * side, 0.47 * side),
-                  (0.69 * side, 0.6 * side)], fill=(200, 225, 240, 255))  # fmt: skip
-    draw.rounded_rectangle(box(0.08, 0.6, 0.92, 0.82), side * 0.05, colour, _OUTLINE, line)
-    draw.ellipse(box(0.86, 0.65, 0.92, 0.71), fill=(255, 240, 170, 255))
-    for cx in (0.27, 0.73):
-        draw.ellipse(box(cx - 0.1, 0.72, cx + 0.1, 0.92), fill=_OUTLINE)
-        draw.ellipse(box(cx - 0.045, 0.775, cx + 0.045, 0.865), fill=(180, 180, 185, 255))
-    return image
-
-
-def _draw_house(side: int, colour: tuple) -> Image.Image:
-    image, draw, box, line = _canvas(side)
-    roof = (*(round(c * 0.55) for c in colour[:3]), 255)
-    draw.rectangle(box(0.2, 0.45, 0.8, 0.92), fill=colour, outline=_OUTLINE, width=line)
-    draw.polygon([(0.12 * side, 0.47 * side), (0.5 * side, 0.12 * side), (0.88 * side, 0.47 * side)],
-                 fill=roof, outline=_OUTLINE, width=line)  # fmt: skip
-    draw.rectangle(box(0.43, 0.66, 0.57, 0.92), fill=(110, 70, 40, 255), outline=_OUTLINE, width=line)
-    for x0 in (0.26, 0.64):
-        draw.rectangle(box(x0, 0.54, x0 + 0.1, 0.64), fill=(200, 230, 250, 255), outline=_OUTLINE, width=line)
-    return image
-
-
-def _draw_ball(side: int, colour: tuple) -> Image.Image:
-    image, draw, box, line = _canvas(side)
-    draw.ellipse(box(0.2, 0.32, 0.8, 0.92), fill=colour, outline=_OUTLINE, width=line)
-    draw.chord(box(0.2, 0.32, 0.8, 0.92), 200, 340, fill=(250, 250, 250, 255), outline=_OUTLINE, width=line)
-    draw.ellipse(box(0.33, 0.42, 0.43, 0.52), fill=(255, 255, 255, 200))
-    return image
-
-
-_DRAW = {"robot": _draw_robot, "car": _draw_car, "house": _draw_house, "ball": _draw_ball}
