@@ -28,13 +28,23 @@ KINDS = ("bf16", "nf4", "int8")
 def fidelity(adapter: Path, quantize_base: str, photos: Path, num_images: int, steps: int) -> float:
     """CLIP-I of the subject prompt's samples against the photos, as `lora-db train --eval-steps` scores it."""
     from lora_db.adapters.hotswap import load_pipeline
+    from lora_db.evaluation.judge import load_model_judge
     from lora_db.evaluation.metrics import TrainingEval
     from lora_db.images import find_images, load_image
 
     pipe = load_pipeline("tiny-world", [adapter], quantize_base=quantize_base)
     pipe.set_progress_bar_config(disable=True)
     real = [load_image(p) for p in find_images(photos)]
-    score = TrainingEval(pipe, real, SUBJECT, None, num_images=num_images, seed=0, num_inference_steps=steps)
+    score = TrainingEval(
+        pipe,
+        real,
+        SUBJECT,
+        None,
+        judge=load_model_judge("tiny-world", pipe),
+        num_images=num_images,
+        seed=0,
+        num_inference_steps=steps,
+    )
     return score(0)["eval/dino"]
 
 
