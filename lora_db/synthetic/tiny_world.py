@@ -34,7 +34,6 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +56,7 @@ from lora_db.models.random import (
 from lora_db.models.sampling import generate_images
 from lora_db.synthetic import procedural
 from lora_db.synthetic.judge import CONFIG_FILE, JUDGE_FOLDER, JudgeConfig, build_judge
-from lora_db.synthetic.vae import VaeSchedule, held_out_report, train_vae
+from lora_db.synthetic.vae import VaeSchedule, cosine_lr, held_out_report, train_vae
 from lora_db.synthetic.world import CLASS_WORD, IMAGE_SIZE, make_world, vocabulary
 
 logger = logging.getLogger("lora_db")
@@ -254,12 +253,6 @@ def build_components(config: BuildConfig):
     return parts, clip
 
 
-def _cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def _steps(name: str, total: int):
     return _bar(name, range(total))
 
@@ -304,7 +297,7 @@ def train_clip(clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: 
     losses = []
     clip.train()
     for step in (bar := _steps("clip", config.clip_steps)):
-        _set_lr(optimizer, _cosine_lr(step, config.clip_steps, config.clip_lr))
+        _set_lr(optimizer, cosine_lr(step, config.clip_steps, config.clip_lr, warmup=50))
         index = torch.randint(0, len(clip_pixels), (config.clip_batch,), generator=generator)
         image = F.normalize(
             clip.visual_projection(clip.vision_model(pixel_values=clip_pixels[index]).pooler_output), dim=-1
@@ -370,7 +363,7 @@ def train_uvit(parts, world, broad, config: BuildConfig) -> list[float]:
     losses = []
     unet.train()
     for step in (bar := _steps("u-vit", config.uvit_steps)):
-        _set_lr(optimizer, _cosine_lr(step, config.uvit_steps, config.uvit_lr, warmup=100))
+        _set_lr(optimizer, cosine_lr(step, config.uvit_steps, config.uvit_lr, warmup=100))
         index = torch.randint(0, len(mean), (n_world,), generator=generator)
         noise = torch.randn(mean[index].shape, generator=generator)
         batch_latents = (mean[index] + std[index] * noise) * scale

@@ -48,7 +48,8 @@ def narrow_initial_posterior(vae, logvar: float) -> None:
         vae.quant_conv.bias[channels:] = logvar
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up to `peak`, then a cosine to zero: the schedule of every part of the tiny-world build."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -74,7 +75,7 @@ def train_vae(
     vae.train()
     for step in progress(range(schedule.steps)):
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, schedule.steps, schedule.lr)
+            group["lr"] = cosine_lr(step, schedule.steps, schedule.lr)
         picks = torch.randint(0, len(pool), (schedule.batch - from_world,), generator=generator)
         world_picks = torch.randint(0, len(world), (from_world,), generator=generator)
         batch = procedural.uint8_to_unit(torch.cat([pool[picks], world[world_picks]]))
