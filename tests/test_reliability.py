@@ -590,7 +590,7 @@ def test_captions_the_text_encoder_cuts_are_reported(tiny_config, tmp_path, capl
     assert "first caption: " in caplog.text and " of 77 tokens" in caplog.text
 
 
-def test_a_rank_above_the_layers_width_is_a_warning_with_the_adapter_size(caplog):
+def test_a_rank_above_some_layers_width_is_a_warning_above_all_an_error(caplog):
     from torch import nn
 
     from lora_db.adapters.layers import check_rank
@@ -600,9 +600,12 @@ def test_a_rank_above_the_layers_width_is_a_warning_with_the_adapter_size(caplog
     check_rank(model, LoraSpec(8, 8.0, ("0", "1", "2")), "U-ViT")
     assert "--rank 8 is above the width of 2 of the 3 targeted U-ViT layers (narrowest 4, widest 16)" in caplog.text
     caplog.clear()
-    check_rank(model, LoraSpec(4096, 1.0, ("0", "1", "2")), "U-ViT")
-    assert "above the width of all targeted U-ViT layers" in caplog.text
-    assert "for a 0.9 MiB adapter; --rank 16 or less learns the same" in caplog.text
+    with pytest.raises(
+        LoraDBError,
+        match=r"--rank 4096 is above the width of every targeted U-ViT layer \(widest 16\): a 0.9 MiB adapter with "
+        r"no more capacity than --rank 16; choose --rank 16 or less",
+    ):
+        check_rank(model, LoraSpec(4096, 1.0, ("0", "1", "2")), "U-ViT")
     caplog.clear()
     check_rank(model, LoraSpec(4, 4.0, ("0", "1", "2")), "U-ViT")
     assert caplog.text == ""

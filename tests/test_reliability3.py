@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from lora_helpers import PROMPT, make_adapter, run_cli
+import torch
+from lora_helpers import PROMPT, make_adapter, run_cli, train_command
+from safetensors.torch import save_file
 
 from lora_db.errors import LoraDBError
 
@@ -138,6 +140,41 @@ def test_overwrite_keeps_the_files_the_user_added(adapter_file, tmp_path, monkey
     (out / "notes.txt").unlink()
     assert run_cli(monkeypatch, capsys, *args, "--overwrite")[0] == 0  # what lora-db wrote is replaced
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == written
+
+
+def test_train_overwrite_refuses_files_named_like_a_runs_but_not_its(instance_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "project"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "notes.md").write_text("mine")
+    (out / "config.json").write_text('{"theme": "dark"}')
+    train = [*train_command(instance_dir, out), "--max-train-steps", "1"]
+    code, _, err = run_cli(monkeypatch, capsys, *train, "--overwrite")
+    assert code == 1 and len(err) == 1, err
+    assert "holds config.json, unet, named like a run's files but not written by lora-db" in err[0]
+    assert (out / "unet" / "notes.md").read_text() == "mine"
+    assert (out / "config.json").read_text() == '{"theme": "dark"}'
+
+
+@pytest.mark.slow
+def test_train_overwrite_replaces_a_previous_run_and_keeps_the_users_files(instance_dir, tmp_path, monkeypatch, capsys):
+    from lora_db.layout import written_by_training
+
+    out = tmp_path / "run"
+    first = [*train_command(instance_dir, out), "--max-train-steps", "2", "--checkpointing-steps", "1"]
+    assert run_cli(monkeypatch, capsys, *first)[0] == 0
+    ours = sorted(p.name for p in out.iterdir() if written_by_training(p))
+    assert {"adapter.safetensors", "metrics.jsonl", "config.json", "summary.json", "checkpoint-1"} <= set(ours), ours
+    (out / "notes.txt").write_text("mine")
+    second = [*train_command(instance_dir, out), "--max-train-steps", "1", "--overwrite"]
+    assert run_cli(monkeypatch, capsys, *second)[0] == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "checkpoint-1").exists()  # the first run's checkpoints went with it
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    # An adapter file that is not lora-db's, put where the run's was, stops the next --overwrite.
+    save_file({"w": torch.zeros(2, 2)}, str(out / "adapter.safetensors"))
+    code, _, err = run_cli(monkeypatch, capsys, *second)
+    assert code == 1 and "holds adapter.safetensors, named like a run's files but not written by lora-db" in err[0]
+    assert (out / "notes.txt").exists() and (out / "metrics.jsonl").exists()
 
 
 def test_a_file_added_while_an_output_is_written_is_kept(tmp_path):
@@ -355,7 +392,7 @@ def test_text_from_a_file_is_printed_escaped_and_cut(adapter_file, tmp_path, mon
     assert "\x1b" not in caplog.text and len(caplog.text) < 10_000
 
 
-@pytest.mark.parametrize("base", ["someone/other-model", "../../../../etc", "\x1b[2J/tmp/x"])
+@pytest.mark.parametrize("base", ["someone/other-model", "../../../../etc", "\x1b[2J/tmp/x", "random:unidiffuser-v1"])
 def test_a_base_model_named_by_a_file_is_never_loaded_without_model(adapter_file, tmp_path, monkeypatch, capsys, base):
     import lora_db.models.loading as loading
 

@@ -25,7 +25,7 @@ from lora_db.config.commands import WeightedAdapter
 from lora_db.errors import LoraDBError
 from lora_db.layout import ADAPTER_FILE
 from lora_db.logs import printable
-from lora_db.models.loading import is_built_in
+from lora_db.models.loading import RANDOM_PREFIX, is_built_in
 from lora_db.models.loading import load_pipeline as load_base
 from lora_db.models.quantize import check_quantization, quantize_pipeline
 
@@ -157,7 +157,9 @@ def quantize_for(pipe, adapters: Iterable[AdapterFile], kind: str, dtype: torch.
 
 def resolve_model(model: str | None, adapters: Iterable[AdapterFile]) -> str:
     """The base model to load: the user's --model; without one, the adapters' recorded base only when it is one of
-    lora-db's own builds (tiny, tiny-world, random:...). A path or hub id from a file's metadata chooses nothing."""
+    lora-db's two small built-in models (tiny, tiny-world), named in the log as taken from the metadata. A path, a
+    hub id or a large random build (random:unidiffuser-v1 allocates the real-size model) from a file's metadata
+    chooses nothing."""
     adapters = list(adapters)
     if model:
         warn_other_base(model, adapters)
@@ -167,12 +169,12 @@ def resolve_model(model: str | None, adapters: Iterable[AdapterFile]) -> str:
         found = f"they name {', '.join(sorted(printable(b) for b in bases))}" if bases else "none names one"
         raise LoraDBError(f"--model is required: the adapters' metadata gives no single base model ({found})")
     base = bases.pop()
-    if not is_built_in(base):
+    if not is_built_in(base) or base.startswith(RANDOM_PREFIX):
         raise LoraDBError(
             f"--model is required: the adapter's metadata names its base model as {printable(base)!r}, and lora-db "
-            "loads no folder or hub model an adapter file names; pass --model with the base you mean"
+            "loads no folder, hub or random model an adapter file names; pass --model with the base you mean"
         )
-    logger.info("--model not given: %s, the base model the adapters' metadata names", base)
+    logger.info("--model not given: %s, the built-in base model the adapters' metadata names", base)
     return base
 
 

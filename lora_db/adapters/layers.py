@@ -57,15 +57,22 @@ def check_targets(model: nn.Module, targets: Iterable[str], option: str = "--tar
 
 
 def check_rank(model: nn.Module, spec: LoraSpec, component: str) -> None:
-    """Warn when the rank is above targeted layers' width: B @ A is then already full rank, so the extra rank adds
-    parameters (and adapter size) but no capacity."""
+    """Warn when the rank is above some targeted layers' width: B @ A is then already full rank, so the extra rank
+    adds parameters (and adapter size) but no capacity. Above every targeted layer's width it is an error: the whole
+    adapter would be larger than the layers it adapts, for nothing."""
     layers = [layer for name, layer in linear_layers(model).items() if matches_target(name, spec.target_modules)]
     widths = [min(layer.in_features, layer.out_features) for layer in layers]
     narrow = sum(width < spec.rank for width in widths)
     if not narrow:
         return
     size = sum(spec.rank * (layer.in_features + layer.out_features) for layer in layers) * 4
-    which = "all" if narrow == len(widths) else f"{narrow} of the {len(widths)}"
+    if narrow == len(widths):
+        raise LoraDBError(
+            f"--rank {spec.rank} is above the width of every targeted {component} layer (widest {max(widths)}): a "
+            f"{size / 2**20:.1f} MiB adapter with no more capacity than --rank {max(widths)}; choose --rank "
+            f"{max(widths)} or less"
+        )
+    which = f"{narrow} of the {len(widths)}"
     logger.warning(
         "--rank %d is above the width of %s targeted %s layers (narrowest %d, widest %d): they gain "
         "parameters but no capacity, for a %.1f MiB adapter; --rank %d or less learns the same",

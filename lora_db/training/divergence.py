@@ -17,9 +17,9 @@ import torch
 from lora_db.adapters.spec import MAX_ABS_WEIGHT, describe_peak, out_of_range
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
-from lora_db.layout import list_checkpoints
+from lora_db.layout import ABANDONED_DIR, list_checkpoints
 from lora_db.training.checkpoint import trainable_state
-from lora_db.training.resume import ABANDONED_DIR, retire_later_checkpoints
+from lora_db.training.resume import retire_later_checkpoints
 
 LARGE_SCALE = 16.0  # alpha / rank above this makes every update that much larger: named as the likely cause
 

@@ -26,14 +26,13 @@ from typing import Any
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.images import find_images
+from lora_db.layout import ABANDONED_DIR, CHECKPOINT_PATTERN, list_checkpoints
 from lora_db.layout import CHECKPOINT_MARKER as MARKER
-from lora_db.layout import CHECKPOINT_PATTERN, list_checkpoints
 from lora_db.training.class_images import plan_class_images
 
 logger = logging.getLogger("lora_db")
 
 RUN_RECORD = "run.json"
-ABANDONED_DIR = "abandoned"
 RESUME_MAY_CHANGE = frozenset(
     {
         "max_train_steps",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,14 @@ from lora_db.errors import LoraDBError
 from lora_db.evaluation.judge import load_model_judge
 from lora_db.evaluation.metrics import TrainingEval
 from lora_db.images import find_images, load_image
-from lora_db.layout import ADAPTER_FILE, METRICS_FILE, list_checkpoints
+from lora_db.layout import (
+    ABANDONED_DIR,
+    ADAPTER_FILE,
+    CHECKPOINT_PATTERN,
+    METRICS_FILE,
+    list_checkpoints,
+    written_by_training,
+)
 from lora_db.locks import output_lock
 from lora_db.models.loading import check_resolution, load_pipeline, load_unet_config, native_resolution
 from lora_db.models.memory import (
@@ -44,7 +52,6 @@ from lora_db.training.class_images import generate_class_images, plan_class_imag
 from lora_db.training.data import ImageRecord, check_caption_lengths, scan_images
 from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
 from lora_db.training.hub import check_hub_access
-from lora_db.training.resume import ABANDONED_DIR
 from lora_db.training.tracking import resolve_tracker
 
 logger = logging.getLogger("lora_db")
@@ -99,15 +106,34 @@ def check_output_dir(config: TrainConfig) -> None:
             "folder"
         )
         raise LoraDBError(f"--output-dir {output_dir} already holds a run; {advice}")
+    if config.overwrite:
+        _check_all_written_by_training(output_dir)
+
+
+def _previous_run_files(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    named = [output_dir / name for name in RUN_FILES if os.path.lexists(output_dir / name)]
+    return named + [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name)]
+
+
+def _check_all_written_by_training(output_dir: Path) -> None:
+    """--overwrite removes a previous run's files; one that lora-db did not write under that name stops it."""
+    foreign = [path.name for path in _previous_run_files(output_dir) if not written_by_training(path)]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise LoraDBError(
+            f"--output-dir {output_dir} holds {shown}, named like a run's files but not written by lora-db; "
+            "--overwrite removes only what lora-db wrote: move them out, or choose another folder"
+        )
 
 
 def _clear_previous_run(output_dir: Path) -> None:
-    """--overwrite: remove only what an earlier lora-db run wrote, never other files."""
-    for path in list_checkpoints(output_dir):
-        shutil.rmtree(path)
-    for name in RUN_FILES:
-        path = output_dir / name
-        if path.is_dir():
+    """--overwrite: remove only what an earlier lora-db run wrote, never other files (checked again under the lock:
+    the folder may have changed since the checks before loading)."""
+    _check_all_written_by_training(output_dir)
+    for path in _previous_run_files(output_dir):
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
