@@ -285,7 +285,8 @@ def test_merge_errors(extra, fragments, files, tmp_path, monkeypatch, capsys):
 
 def test_hot_swap_and_merge_reproduce_the_trained_models_own_forward(pristine, tiny_config, tmp_path):
     """Tie both paths to training itself: peft's scaling in the trained model, not lora-db's own scale formula."""
-    from lora_db.training.loop import optimizer_step, save_outputs
+    from lora_db.training.loop import optimizer_step
+    from lora_db.training.outputs import save_outputs
     from lora_db.training.setup import check_before_loading, setup_accelerator, setup_run
 
     options = {"rank": 4, "alpha": 8.0, "learning_rate": 5e-2, "train_text_encoder": True}

@@ -29,7 +29,8 @@ from lora_db.adapters.merge import fold_adapters
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.models.quantize import quantization_tensors, quantized_bytes, quantized_layers, storage_bytes
-from lora_db.training.loop import optimizer_step, run_validation, save_outputs, train
+from lora_db.training.loop import optimizer_step, train
+from lora_db.training.outputs import run_validation, save_outputs
 from lora_db.training.setup import check_before_loading, setup_accelerator, setup_run
 
 MERGE_ATOL = 1e-5

@@ -20,33 +20,26 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lora_db.adapters.format import save_adapter
-from lora_db.adapters.layers import lora_state_dict
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
-from lora_db.images import image_grid, save_png
 from lora_db.io import (
-    DiskFullError,
     WriteError,
     append_line,
-    atomic_directory,
     atomic_write_json,
     atomic_write_text,
     explain_os_error,
 )
-from lora_db.layout import ADAPTER_FILE, METRICS_FILE, list_checkpoints
+from lora_db.layout import METRICS_FILE
 from lora_db.locks import output_lock
 from lora_db.models.memory import count_parameters, peak_memory_bytes, reset_peak_memory
 from lora_db.models.objective import dreambooth_loss
-from lora_db.models.sampling import generate_images
 from lora_db.training.checkpoint import (
     TrainingState,
     local_rng_state,
@@ -62,6 +55,7 @@ from lora_db.training.data import batch_indices
 from lora_db.training.divergence import check_loss, check_weights
 from lora_db.training.hub import push_run
 from lora_db.training.model_card import write_model_card
+from lora_db.training.outputs import replica_divergence, rescue_weights, run_validation, save_outputs
 from lora_db.training.resume import (
     RUN_RECORD,
     check_resume,
@@ -75,7 +69,6 @@ from lora_db.training.resume import (
 from lora_db.training.setup import (
     FINAL_OUTPUTS,
     RUN_FILES,
-    Models,
     Run,
     _clear_previous_run,
     check_before_loading,
@@ -85,16 +78,14 @@ from lora_db.training.setup import (
     setup_run,
     setup_training_eval,
 )
-from lora_db.training.stopping import StopRequest, TrainingInterrupted, stop_on_signals
+from lora_db.training.stopping import StopRequest, TrainingInterrupted, stop_on_signals, stop_requested
 from lora_db.training.tracking import (
     PROJECT,
     hyperparameters,
-    log_validation_images,
     resolve_tracker,
     tracked,
     tracker_init_kwargs,
 )
-from lora_db.version import __version__
 
 logger = logging.getLogger("lora_db")
 
@@ -106,15 +97,6 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     validation_dir: Path | None = None
-
-
-# -- small pure helpers ---------------------------------------------------------------------------------------------
-
-
-# -- checks before anything loads -----------------------------------------------------------------------------------
-
-
-# -- set-up ---------------------------------------------------------------------------------------------------------
 
 
 # -- state of a run -------------------------------------------------------------------------------------------------
@@ -140,58 +122,6 @@ def remove_stale_temporaries(output_dir: Path) -> None:
     for path in output_dir.glob(".*.tmp"):
         if path.name.startswith(ours):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
-    return {
-        "base_model": config.model,
-        "instance_prompt": config.instance_prompt,
-        "class_prompt": config.class_prompt or "",
-        "steps": str(step),
-        "resolution": str(config.resolution),
-        "quantize_base": config.quantize_base,
-        "mixed_precision": config.mixed_precision,  # the weights' dtype when the base was quantized
-        "lora_db_version": __version__,
-    }
-
-
-def save_outputs(config: TrainConfig, models: Models, step: int) -> Path:
-    """The run's result: the adapter file (LoRA) or a diffusers U-ViT folder (full fine-tuning)."""
-    check_weights(config, models, step)
-    if config.method == "full":
-        with atomic_directory(config.output_dir / "unet", replace=True) as tmp:
-            models.unet.save_pretrained(tmp, safe_serialization=True)
-        return config.output_dir / "unet"
-    tensors = {component: lora_state_dict(module) for component, module in models.trained.items()}
-    return save_adapter(config.output_dir / ADAPTER_FILE, tensors, models.specs, adapter_metadata(config, step))
-
-
-def run_validation(config: TrainConfig, models: Models, accelerator, step: int) -> Path:
-    folder = config.output_dir / "validation"
-    for module in models.trained.values():
-        module.eval()
-    for name in ("vae", "text_encoder"):  # what t2i sampling calls; the image encoder and GPT-2 it does not
-        getattr(models.pipe, name).to(accelerator.device)
-    images = generate_images(
-        models.pipe,
-        config.validation_prompt,
-        config.num_validation_images,
-        seed=config.seed,
-        num_inference_steps=config.validation_inference_steps,
-        guidance_scale=config.validation_guidance_scale,
-        autocast=accelerator.autocast,
-    )
-    for i, image in enumerate(images):
-        save_png(
-            image,
-            folder / f"step-{step:06d}-{i}.png",
-            {"prompt": config.validation_prompt, "seed": config.seed + i, "step": step},
-        )
-    save_png(image_grid([images]), folder / f"step-{step:06d}.png", {"prompt": config.validation_prompt})
-    tracked(accelerator, log_validation_images, accelerator, images, step, config.validation_prompt, config.seed)
-    for module in models.trained.values():
-        module.train()
-    return folder
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -262,18 +192,6 @@ def optimizer_step(run: Run, step: int, stop_requested=lambda: False) -> torch.T
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(step_loss, reduction="mean")
-
-
-def replica_divergence(run: Run) -> float:
-    """Largest difference of any trained weight between processes: 0 when every gradient was all-reduced.
-
-    Gathered one tensor at a time, so it costs (number of processes) x the largest tensor, never the whole model.
-    """
-    worst = 0.0
-    for tensor in trainable_state(run.models).values():
-        gathered = run.accelerator.gather(tensor.detach().float()[None])
-        worst = max(worst, (gathered - gathered[0]).abs().max().item())
-    return worst
 
 
 def memory_advice(config: TrainConfig) -> str:
@@ -393,36 +311,6 @@ def train(config: TrainConfig) -> TrainResult:
             raise
         finally:
             release_distributed_state(accelerator)
-
-
-def rescue_weights(config: TrainConfig, models: Models, step: int, err: WriteError) -> WriteError:
-    """A write failed (a full disk, a folder made read-only or immutable): save the trained weights where they can
-    be written; say where they and the last checkpoint are."""
-    checkpoints = list_checkpoints(config.output_dir)
-    last = f"; the last checkpoint is {checkpoints[-1]}" if checkpoints else ""
-    fix = "once there is room" if isinstance(err, DiskFullError) else "once it is writable again"
-    try:
-        folder = Path(tempfile.mkdtemp(prefix="lora-db-rescue-"))
-        rescued = save_outputs(replace(config, output_dir=folder), models, step)
-    except (LoraDBError, OSError):
-        advice = (
-            f"run the same command with --resume-from-checkpoint latest {fix}"
-            if checkpoints
-            else "the weights of this run could not be kept anywhere"
-        )
-        return type(err)(f"{err}{last}; {advice}")
-    return type(err)(
-        f"{err}; the weights trained so far (step {step}) were saved to {rescued} instead: move them into "
-        f"{config.output_dir} {fix}{last}"
-    )
-
-
-def stop_requested(stop: StopRequest, accelerator) -> bool:
-    """Whether any process received a stop signal (all of them must checkpoint together)."""
-    if accelerator.num_processes == 1:
-        return stop.is_set()
-    flag = torch.tensor(float(stop.is_set()), device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def release_distributed_state(accelerator) -> None:

@@ -17,6 +17,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+import torch
+
 from lora_db.errors import LoraDBError
 
 logger = logging.getLogger("lora_db")
@@ -105,3 +107,11 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def stop_requested(stop: StopRequest, accelerator) -> bool:
+    """Whether any process received a stop signal (all of them must checkpoint together)."""
+    if accelerator.num_processes == 1:
+        return stop.is_set()
+    flag = torch.tensor(float(stop.is_set()), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
