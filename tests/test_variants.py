@@ -139,9 +139,10 @@ def test_damaged_dora_files_are_refused(pristine, tmp_path):
 # -- training -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "lion8bit", "schedulefree-adamw"])
 def test_loraplus_puts_b_matrices_at_ratio_times_the_rate(tiny_config, optimizer):
-    from lora_db.training.setup import setup_models, setup_optimizer
+    from lora_db.training.optimizers import setup_optimizer
+    from lora_db.training.setup import setup_models
 
     config = tiny_config(
         loraplus_lr_ratio=16.0,

@@ -36,34 +36,31 @@ def lora_spec(config: TrainConfig, target_modules: tuple[str, ...]) -> LoraSpec:
     )
 
 
-def optimizer_class(optimizer: str) -> type[torch.optim.Optimizer]:
-    if optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit
-    return torch.optim.AdamW
-
-
 def loraplus_optimizer(
-    config: TrainConfig, trained: Mapping[str, nn.Module], learning_rates: Mapping[str, float]
+    trained: Mapping[str, nn.Module],
+    learning_rates: Mapping[str, float],
+    ratio: float,
+    cls: type[torch.optim.Optimizer],
+    weight_decay: float,
+    **options: object,
 ) -> torch.optim.Optimizer:
-    """peft's LoRA+ optimizer over every trained component, each at its own base learning rate.
+    """peft's LoRA+ optimizer (`cls`, given `options`) over every trained component, each at its own base rate.
 
     `create_loraplus_optimizer` takes one model and one rate, so each component gets its own; the first
     optimizer then takes the other components' (non-empty) parameter groups, in a fixed order for resume.
     """
     from peft.optimizers import create_loraplus_optimizer
 
-    cls = optimizer_class(config.optimizer)
     optimizer = None
     for component, module in trained.items():
         built = create_loraplus_optimizer(
             module,
             cls,
             lr=learning_rates[component],
-            loraplus_lr_ratio=config.loraplus_lr_ratio,
-            loraplus_weight_decay=config.weight_decay,
-            weight_decay=config.weight_decay,
+            loraplus_lr_ratio=ratio,
+            loraplus_weight_decay=weight_decay,
+            weight_decay=weight_decay,
+            **options,
         )
         if optimizer is None:
             optimizer = built

@@ -33,12 +33,17 @@ UNET_FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 Method = Literal["lora", "full"]
-Optimizer = Literal["adamw", "adamw8bit"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion8bit", "schedulefree-adamw"]
 AttentionBackend = Literal["sdpa", "xformers"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Tracker = Literal["tensorboard", "wandb", "none"]
 
 PATH_FIELDS = ("instance_dir", "output_dir", "class_dir")
+
+DEFAULT_LEARNING_RATE = 1e-4
+# Each library's convention: Prodigy's lr multiplies the step size it estimates (1.0 as its authors use it); Lion's
+# sign updates are larger than Adam's, so its authors take a 3-10x smaller rate.
+OPTIMIZER_LEARNING_RATES = {"prodigy": 1.0, "lion8bit": 3e-5}
 
 
 @dataclass
@@ -147,7 +152,14 @@ class TrainConfig:
         "Adapter",
     )
     # -- optimisation ---------------------------------------------------------------------------------------------
-    learning_rate: float = option(1e-4, "Peak learning rate.", "Optimisation", above=0)
+    learning_rate: float | None = option(
+        None,
+        f"Peak learning rate; defaults to {DEFAULT_LEARNING_RATE:g}, or the --optimizer's convention: "
+        + ", ".join(f"{rate:g} for {name}" for name, rate in OPTIMIZER_LEARNING_RATES.items())
+        + ".",
+        "Optimisation",
+        above=0,
+    )
     lr_scheduler: LRScheduler = option("constant", "Learning-rate schedule after warm-up.", "Optimisation")
     lr_warmup_steps: int = option(0, "Linear warm-up steps.", "Optimisation", minimum=0)
     max_train_steps: int = option(400, "Optimizer steps to train.", "Optimisation", minimum=1)
@@ -156,7 +168,7 @@ class TrainConfig:
     )
     gradient_accumulation_steps: int = option(1, "Micro-batches summed per optimizer step.", "Optimisation", minimum=1)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables it).", "Optimisation", minimum=0)
-    weight_decay: float = option(1e-2, "AdamW weight decay.", "Optimisation", minimum=0)
+    weight_decay: float = option(1e-2, "Decoupled weight decay of the optimizer.", "Optimisation", minimum=0)
     seed: int = option(
         0,
         "Seed of data order, augmentation, noise and LoRA init: same seed, same run.",
@@ -184,7 +196,10 @@ class TrainConfig:
     )
     optimizer: Optimizer = option(
         "adamw",
-        "`adamw8bit` (bitsandbytes) stores Adam's two moments in 8 bits: 4x less optimizer memory.",
+        "`adamw8bit` (bitsandbytes) stores Adam's two moments in 8 bits: 4x less optimizer memory; `prodigy` "
+        "(prodigyopt) estimates its own step size (lr 1.0); `adafactor` (transformers) factors the second moment; "
+        "`lion8bit` (bitsandbytes) keeps one 8-bit moment; `schedulefree-adamw` (schedulefree) needs no schedule "
+        "and samples and saves its averaged weights.",
         "Memory",
     )
     mixed_precision: MixedPrecision = option(
@@ -254,6 +269,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
+        if self.learning_rate is None:
+            self.learning_rate = OPTIMIZER_LEARNING_RATES.get(self.optimizer, DEFAULT_LEARNING_RATE)
         for name in PATH_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str) and not value.strip():
@@ -315,10 +332,31 @@ class TrainConfig:
             self.init_adapter = Path(self.init_adapter)
         if self.text_encoder_learning_rate is not None and not self.train_text_encoder:
             fail("--text-encoder-learning-rate sets the text-encoder LoRA's rate: add --train-text-encoder, or drop it")
+        self._check_optimizer(fail)
         if self.hub_private and not self.push_to_hub:
             fail("--hub-private goes with --push-to-hub REPO (the repository to create)")
         if self.push_to_hub is not None and not HUB_REPO.fullmatch(self.push_to_hub):
             fail(f"--push-to-hub {self.push_to_hub!r}: give a repository id such as your-name/sks-dog-lora")
+
+    def _check_optimizer(self, fail) -> None:
+        """What the chosen optimizer cannot honour."""
+        if self.optimizer == "schedulefree-adamw" and self.lr_scheduler != "constant":
+            fail(
+                f"--optimizer schedulefree-adamw replaces the learning-rate schedule: drop --lr-scheduler "
+                f"{self.lr_scheduler} (its warm-up is --lr-warmup-steps)"
+            )
+        if self.optimizer != "prodigy":
+            return
+        if self.loraplus_lr_ratio is not None:
+            fail(
+                "--loraplus-lr-ratio gives the B matrices a rate of their own, and Prodigy estimates one step size "
+                "for every weight: drop it, or choose another --optimizer"
+            )
+        if self.text_encoder_learning_rate not in (None, self.learning_rate):
+            fail(
+                "--text-encoder-learning-rate: Prodigy estimates one step size for every weight, so both rates must "
+                "be equal; drop it, or choose another --optimizer"
+            )
 
     @property
     def lora_alpha(self) -> float:

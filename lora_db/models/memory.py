@@ -1,4 +1,4 @@
-"""Memory options: gradient checkpointing for the U-ViT, attention backends, optimizers, dtypes, peak memory.
+"""Memory options: gradient checkpointing for the U-ViT, attention backends, dtypes, peak memory.
 
 diffusers' UniDiffuserModel has no gradient-checkpointing branch (`enable_gradient_checkpointing()` raises), so
 each transformer block is given a subclass of its own class whose forward runs under
@@ -85,21 +85,6 @@ def set_attention_backend(model: nn.Module, attention: str) -> int:
         else:
             module.set_processor(AttnProcessor2_0())
     return len(modules)
-
-
-def check_optimizer(optimizer: str) -> None:
-    if optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise LoraDBError(
-            "--optimizer adamw8bit needs bitsandbytes: `pip install bitsandbytes`, or use --optimizer adamw"
-        )
-
-
-def make_optimizer(optimizer: str, param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
-    if optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(param_groups, weight_decay=weight_decay)
-    return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

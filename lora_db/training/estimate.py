@@ -48,13 +48,14 @@ from lora_db.models.loading import (
     native_resolution,
     random_preset,
 )
-from lora_db.models.memory import check_mixed_precision, check_optimizer, count_parameters, weight_dtype
+from lora_db.models.memory import check_mixed_precision, count_parameters, weight_dtype
 from lora_db.models.quantize import check_quantization, quantization_tensors
 from lora_db.models.random import build_random_pipeline
 from lora_db.training.data import ImageRecord, scan_images
 from lora_db.training.examples import PromptEncoder, example_source
 from lora_db.training.loop import micro_batch_loss
-from lora_db.training.setup import Run, release_idle_modules, setup_models, setup_optimizer
+from lora_db.training.optimizers import check_optimizer, setup_optimizer
+from lora_db.training.setup import Run, release_idle_modules, setup_models
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + kernels of torch on a current GPU; not counted by the allocator
@@ -247,11 +248,15 @@ def _host_tensors_stay_real_mode():
         """Ops on host tensors only (data order, image batches, token ids) run for real and are not counted.
 
         The data order is drawn with randperm and read back with int(), which a fake tensor cannot answer.
+        A number read back from a fake tensor (Prodigy's step-size estimate reads sums with `.item()`) is 1: it
+        steers no allocation.
         """
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if func is torch.ops.aten._local_scalar_dense.default and isinstance(tensors[0], FakeTensor):
+                return True if tensors[0].dtype == torch.bool else 1
             host = func is torch.ops.aten.randperm.generator or (
                 tensors and not any(isinstance(t, FakeTensor) for t in tensors)
             )
@@ -306,7 +311,7 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
 
     if device not in ("cuda", "cpu"):
         raise LoraDBError(f"--device {device}: estimate for cuda or cpu")
-    check_optimizer(config.optimizer)
+    check_optimizer(config)
     check_mixed_precision(config.mixed_precision, torch.device(device))
     check_quantization(config.quantize_base, torch.device(device), weight_dtype(config.mixed_precision), probe=False)
     unet_config = load_unet_config(config.model)
@@ -319,6 +324,11 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
         config = replace(config, attention="sdpa")
     if config.validation_prompt:
         notes.append("validation sampling between steps is not included")
+    if config.optimizer == "prodigy":
+        notes.append(
+            "Prodigy counted with a copy of every trained weight's start; it keeps a scalar for weights that start "
+            "at zero (LoRA's B matrices), so the optimizer column is high by their size"
+        )
     if config.init_adapter is not None:
         # Its weights only replace the initial values of tensors of the same shapes: the same memory.
         config = replace(config, init_adapter=None)

@@ -55,6 +55,7 @@ from lora_db.training.data import batch_indices
 from lora_db.training.divergence import check_loss, check_weights
 from lora_db.training.hub import push_run
 from lora_db.training.model_card import write_model_card
+from lora_db.training.optimizers import averaged_weights, current_learning_rate, training_weights
 from lora_db.training.outputs import replica_divergence, rescue_weights, run_validation, save_outputs
 from lora_db.training.resume import (
     RUN_RECORD,
@@ -200,7 +201,7 @@ def memory_advice(config: TrainConfig) -> str:
         (config.method == "full", "--method lora"),
         (config.mixed_precision == "no", "--mixed-precision bf16"),
         (not config.gradient_checkpointing, "--gradient-checkpointing"),
-        (config.optimizer == "adamw", "--optimizer adamw8bit"),
+        (config.optimizer in ("adamw", "prodigy", "schedulefree-adamw"), "--optimizer adamw8bit"),
         (not config.cache_latents and not (config.random_crop or config.random_flip), "--cache-latents"),
         (config.method == "lora" and config.quantize_base == "none", "--quantize-base nf4"),
         (config.train_batch_size > 1, "a smaller --train-batch-size with --gradient-accumulation-steps"),
@@ -257,6 +258,7 @@ def resume(run: Run, checkpoint: Path | None) -> int:
 
 
 def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
+    averaged_weights(run.optimizer)  # what schedule-free saves; the next step switches back
     check_weights(run.config, run.models, step, run.accelerator.is_main_process)
     rng = rng_state(run.generator, run.accelerator)  # a collective: every process takes part
     if not run.accelerator.is_main_process:
@@ -364,6 +366,7 @@ def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path
             raise
         if not accelerator.is_main_process or run.output_path is not None:
             raise failed from err
+        averaged_weights(run.optimizer)
         raise rescue_weights(config, run.models, run.steps_done, failed) from err
 
 
@@ -411,6 +414,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
             started = time.perf_counter()
             before = local_rng_state(run.generator) if config.gradient_accumulation_steps > 1 else None
             try:
+                training_weights(run.optimizer)
                 loss = optimizer_step(run, step, lambda: stop_requested(stop, accelerator)).item()
             except StepAbandoned:
                 # The step's micro-batches are dropped and its random draws put back: resuming repeats it exactly.
@@ -429,11 +433,16 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
             metrics = {
                 "step": step,
                 "loss": loss,
-                "lr": run.lr_scheduler.get_last_lr()[0],
+                "lr": current_learning_rate(run.optimizer, run.lr_scheduler),
                 "peak_memory_bytes": peak_memory_bytes(device),
                 "step_time_s": stop.step_s,
             }
-            if run.evaluator is not None and (step % config.eval_steps == 0 or step == config.max_train_steps):
+            is_last = step == config.max_train_steps
+            evaluating = config.eval_steps > 0 and (step % config.eval_steps == 0 or is_last)
+            validating = config.validation_prompt is not None and (step % config.validation_steps == 0 or is_last)
+            if evaluating or validating:
+                averaged_weights(run.optimizer)  # on every process, so that all switch back alike
+            if run.evaluator is not None and evaluating:
                 with sampling_mode(config, run.models, accelerator):
                     metrics.update(run.evaluator(step))
             if accelerator.is_main_process:
@@ -448,8 +457,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
                 started = time.perf_counter()
                 stop.note_checkpoint(time.perf_counter() - started, checkpoint(run, step, record))
-            is_last = step == config.max_train_steps
-            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+            if validating:
                 if accelerator.is_main_process:
                     validation_dir = run_validation(config, run.models, accelerator, step)
                     release_idle_modules(config, run.models.pipe)
@@ -466,6 +474,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        averaged_weights(run.optimizer)
         adapter_path = run.output_path = save_outputs(config, run.models, step)
         summary = {
             "steps": step,

@@ -18,7 +18,7 @@ from torch import nn
 
 from lora_db.adapters.layers import check_rank, inject_lora
 from lora_db.adapters.spec import LoraSpec
-from lora_db.adapters.variants import load_init_adapter, lora_spec, loraplus_optimizer
+from lora_db.adapters.variants import load_init_adapter, lora_spec
 from lora_db.config.train import TEXT_ENCODER_TARGETS, TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.evaluation.judge import load_model_judge
@@ -37,11 +37,9 @@ from lora_db.models.loading import check_resolution, load_pipeline, load_unet_co
 from lora_db.models.memory import (
     check_attention_backend,
     check_mixed_precision,
-    check_optimizer,
     current_memory_bytes,
     enable_text_encoder_gradient_checkpointing,
     enable_uvit_gradient_checkpointing,
-    make_optimizer,
     set_attention_backend,
     upcast_trainable,
     weight_dtype,
@@ -52,6 +50,7 @@ from lora_db.training.class_images import generate_class_images, plan_class_imag
 from lora_db.training.data import ImageRecord, check_caption_lengths, scan_images
 from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
 from lora_db.training.hub import check_hub_access
+from lora_db.training.optimizers import check_optimizer, setup_optimizer
 from lora_db.training.tracking import resolve_tracker
 
 logger = logging.getLogger("lora_db")
@@ -78,7 +77,7 @@ def check_before_loading(config: TrainConfig, device: torch.device) -> TrainConf
     """Every check that needs no weights; returns the config with the resolution filled in."""
     config.require_run_inputs()
     check_attention_backend(config.attention)
-    check_optimizer(config.optimizer)
+    check_optimizer(config)
     check_mixed_precision(config.mixed_precision, device)
     resolve_tracker(config.report_to)
     if config.push_to_hub:
@@ -250,28 +249,6 @@ def release_idle_modules(config: TrainConfig, pipe) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def setup_optimizer(config: TrainConfig, models: Models):
-    from diffusers.optimization import get_scheduler
-
-    groups = []
-    for component, module in models.trained.items():
-        params = [p for p in module.parameters() if p.requires_grad]
-        lr = config.text_encoder_learning_rate if component == "text_encoder" else None
-        groups.append({"params": params, "lr": lr or config.learning_rate})
-    if config.loraplus_lr_ratio is not None:
-        rates = {component: group["lr"] for component, group in zip(models.trained, groups, strict=True)}
-        optimizer = loraplus_optimizer(config, models.trained, rates)
-    else:
-        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=config.max_train_steps,
-    )
-    return optimizer, scheduler
 
 
 def samples_during_training(config: TrainConfig) -> bool:
