@@ -221,6 +221,13 @@ class TrainConfig:
         "nf4 ~3.5x less weight memory than bf16; LoRA stays fp32.",
         "Memory",
     )
+    # -- speed ----------------------------------------------------------------------------------------------------
+    compile: bool = option(
+        False,
+        "torch.compile each U-ViT block (compiled before step 1, its time logged apart); eager with one warning "
+        "where torch cannot compile the configuration (int8 base with checkpointing).",
+        "Speed",
+    )
     # -- checkpoints ----------------------------------------------------------------------------------------------
     checkpointing_steps: int = option(
         0, "Save a resumable checkpoint every N steps (0: never).", "Checkpoints", minimum=0
@@ -254,6 +261,12 @@ class TrainConfig:
         "steps and guidance as validation.",
         "Validation",
         minimum=2,
+    )
+    keep_sampling_encoders: bool = option(
+        False,
+        "Keep the VAE, image and text encoders on the device between validation and eval samplings instead of "
+        "moving them off and back each time: faster sampling, their weights stay in device memory.",
+        "Validation",
     )
     # -- trackers and the hub -------------------------------------------------------------------------------------
     report_to: Tracker | None = option(

@@ -7,6 +7,7 @@ each transformer block is given a subclass of its own class whose forward runs u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import resource
@@ -54,6 +55,39 @@ def disable_uvit_gradient_checkpointing(unet: nn.Module) -> None:
     for block in uvit_blocks(unet):
         if getattr(block, "_lora_db_checkpointed", False):
             block.__class__ = block.__class__.__bases__[0]
+
+
+def compile_uvit_blocks(unet: nn.Module) -> int:
+    """torch.compile each U-ViT block in place (parameter names unchanged), checkpointed or not. `fullgraph`: a
+    graph break is an error instead of a silent return to eager mode. Returns blocks compiled."""
+    blocks = uvit_blocks(unet)
+    for block in blocks:
+        if not hasattr(block, "_lora_db_ran_compiled"):
+            block.register_forward_pre_hook(_note_compiled)
+        block._lora_db_ran_compiled = None
+        block.compile(fullgraph=True)
+    return len(blocks)
+
+
+def _note_compiled(block: nn.Module, args) -> None:
+    # Traced into a compiled block (the assignment is replayed with True), run as Python by an eager one.
+    block._lora_db_ran_compiled = torch.compiler.is_compiling()
+
+
+def uvit_blocks_ran_compiled(unet: nn.Module) -> bool:
+    """Whether every block's last call ran its compiled code (dynamo can fall back to eager without an error)."""
+    return all(getattr(block, "_lora_db_ran_compiled", None) is True for block in uvit_blocks(unet))
+
+
+def eager_calls():
+    """A context in which compiled blocks run eagerly: sampling with other shapes would compile them anew."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6, which --compile needs
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def uncompile_uvit_blocks(unet: nn.Module) -> None:
+    for block in uvit_blocks(unet):
+        block._compiled_call_impl = None  # what nn.Module.compile() set; __call__ is eager again
 
 
 def enable_text_encoder_gradient_checkpointing(text_encoder: nn.Module) -> None:

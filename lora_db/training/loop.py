@@ -51,6 +51,7 @@ from lora_db.training.checkpoint import (
     set_local_rng_state,
     trainable_state,
 )
+from lora_db.training.compiling import compile_unet
 from lora_db.training.data import batch_indices
 from lora_db.training.divergence import check_loss, check_weights
 from lora_db.training.hub import push_run
@@ -346,6 +347,7 @@ def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path
         raise LoraDBError(
             f"out of {where} memory while setting up (loading the model): {memory_advice(config)}"
         ) from None
+    run.compiled = compile_unet(run, micro_batch_loss)
     record = None
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -408,6 +410,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
     validation_dir = None
     reset_peak_memory(device)
     step = start_step
+    loop_started = time.perf_counter()
     stop.armed = True
     with progress:  # closed on any way out, so an error line starts a line of its own
         while step < config.max_train_steps:
@@ -436,6 +439,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
                 "lr": current_learning_rate(run.optimizer, run.lr_scheduler),
                 "peak_memory_bytes": peak_memory_bytes(device),
                 "step_time_s": stop.step_s,
+                "elapsed_s": time.perf_counter() - loop_started,  # the loop's own work between steps included
             }
             is_last = step == config.max_train_steps
             evaluating = config.eval_steps > 0 and (step % config.eval_steps == 0 or is_last)
@@ -485,6 +489,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
             "device": str(device),
             "num_processes": accelerator.num_processes,
             "replica_max_abs_difference": divergence,
+            **({"compile": run.compiled} if run.compiled else {}),
             "output": str(adapter_path),
         }
         atomic_write_json(config.output_dir / "summary.json", summary)

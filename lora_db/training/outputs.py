@@ -17,10 +17,11 @@ from lora_db.errors import LoraDBError
 from lora_db.images import image_grid, save_png
 from lora_db.io import DiskFullError, WriteError, atomic_directory
 from lora_db.layout import ADAPTER_FILE, list_checkpoints
+from lora_db.models.memory import eager_calls
 from lora_db.models.sampling import generate_images
 from lora_db.training.checkpoint import trainable_state
 from lora_db.training.divergence import check_weights
-from lora_db.training.setup import Models, Run
+from lora_db.training.setup import Models, Run, encoders_to_device
 from lora_db.training.tracking import log_validation_images, tracked
 from lora_db.version import __version__
 
@@ -53,17 +54,18 @@ def run_validation(config: TrainConfig, models: Models, accelerator, step: int) 
     folder = config.output_dir / "validation"
     for module in models.trained.values():
         module.eval()
-    for name in ("vae", "text_encoder"):  # what t2i sampling calls; the image encoder and GPT-2 it does not
-        getattr(models.pipe, name).to(accelerator.device)
-    images = generate_images(
-        models.pipe,
-        config.validation_prompt,
-        config.num_validation_images,
-        seed=config.seed,
-        num_inference_steps=config.validation_inference_steps,
-        guidance_scale=config.validation_guidance_scale,
-        autocast=accelerator.autocast,
-    )
+    # What t2i sampling calls; the image encoder and GPT-2 it does not.
+    encoders_to_device(config, models.pipe, ("vae", "text_encoder"), accelerator.device)
+    with eager_calls():  # --compile compiled the training step, not sampling
+        images = generate_images(
+            models.pipe,
+            config.validation_prompt,
+            config.num_validation_images,
+            seed=config.seed,
+            num_inference_steps=config.validation_inference_steps,
+            guidance_scale=config.validation_guidance_scale,
+            autocast=accelerator.autocast,
+        )
     for i, image in enumerate(images):
         save_png(
             image,

@@ -38,6 +38,7 @@ from lora_db.models.memory import (
     check_attention_backend,
     check_mixed_precision,
     current_memory_bytes,
+    eager_calls,
     enable_text_encoder_gradient_checkpointing,
     enable_uvit_gradient_checkpointing,
     set_attention_backend,
@@ -242,9 +243,12 @@ def idle_modules(config: TrainConfig, pipe) -> list[nn.Module]:
 
 
 def release_idle_modules(config: TrainConfig, pipe) -> None:
-    """Nothing idle on the device: what validation samples with goes to the CPU, everything else is dropped."""
+    """Nothing idle on the device: what validation samples with goes to the CPU (or stays, with
+    --keep-sampling-encoders), everything else is dropped."""
     sampling = {pipe.vae, pipe.image_encoder, pipe.text_encoder} if samples_during_training(config) else set()
     for module in idle_modules(config, pipe):
+        if module in sampling and config.keep_sampling_encoders:
+            continue
         module.to("cpu" if module in sampling else "meta")
     gc.collect()
     if torch.cuda.is_available():
@@ -276,15 +280,23 @@ def setup_training_eval(config: TrainConfig, models: Models, accelerator):
         )
 
 
+def encoders_to_device(config: TrainConfig, pipe, names: tuple[str, ...], device: torch.device) -> None:
+    """What sampling calls, onto the device (where --keep-sampling-encoders left them, nothing moves)."""
+    if config.keep_sampling_encoders and samples_during_training(config):
+        return
+    for name in names:
+        getattr(pipe, name).to(device)
+
+
 @contextlib.contextmanager
 def sampling_mode(config: TrainConfig, models: Models, accelerator):
     """Encoders on the device and trained modules in eval mode while sampling; back to training afterwards."""
     for module in models.trained.values():
         module.eval()
-    for name in ("vae", "image_encoder", "text_encoder"):
-        getattr(models.pipe, name).to(accelerator.device)
+    encoders_to_device(config, models.pipe, ("vae", "image_encoder", "text_encoder"), accelerator.device)
     try:
-        yield
+        with eager_calls():  # --compile compiled the training step, not sampling
+            yield
     finally:
         for module in models.trained.values():
             module.train()
@@ -309,6 +321,7 @@ class Run:
     steps_done: int = 0
     output_path: Path | None = None  # the adapter (or U-ViT folder) once written
     evaluator: object = None  # --eval-steps: an evaluate.TrainingEval on the main process
+    compiled: dict | None = None  # --compile: what lora_db.training.compiling.compile_unet did
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
