@@ -30,6 +30,7 @@ CHECKPOINT_MARKER = "state.json"
 
 
 ADAPTER_FILE = "adapter.safetensors"
+RAW_ADAPTER_FILE = "adapter-raw.safetensors"  # --use-ema: the trained weights, beside their average in ADAPTER_FILE
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,7 +83,7 @@ def written_by_training(path: Path) -> bool:
     name = path.name
     if path.is_symlink():
         return False
-    if name == ADAPTER_FILE:
+    if name in (ADAPTER_FILE, RAW_ADAPTER_FILE):
         return path.is_file() and str(_adapter_header(path).get("format", "")).startswith("lora-db/")
     if name == METRICS_FILE:
         row = _first_metrics_row(path) if path.is_file() else None

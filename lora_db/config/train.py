@@ -44,6 +44,7 @@ DEFAULT_LEARNING_RATE = 1e-4
 # Each library's convention: Prodigy's lr multiplies the step size it estimates (1.0 as its authors use it); Lion's
 # sign updates are larger than Adam's, so its authors take a 3-10x smaller rate.
 OPTIMIZER_LEARNING_RATES = {"prodigy": 1.0, "lion8bit": 3e-5}
+DEFAULT_EMA_DECAY = 0.995  # SimpleTuner's default: an average over about the last 1 / (1 - 0.995) = 200 steps
 
 
 @dataclass
@@ -187,6 +188,20 @@ class TrainConfig:
         "Add this x one Gaussian per image and latent channel to the VAE-latent noise (darker / brighter images).",
         "Optimisation",
         minimum=0,
+    )
+    use_ema: bool = option(
+        False,
+        "Keep an exponential moving average of the trained weights: validation samples it and the adapter is it "
+        "(the trained weights beside it, adapter-raw.safetensors); one fp32 copy of the LoRA weights more.",
+        "Optimisation",
+    )
+    ema_decay: float | None = option(
+        None,
+        f"--use-ema's decay per step, defaults to {DEFAULT_EMA_DECAY:g} (about the last 200 steps); the first steps "
+        "use (1 + step) / (10 + step) when that is smaller (diffusers' EMAModel rule).",
+        "Optimisation",
+        above=0,
+        below=1,
     )
     # -- memory ---------------------------------------------------------------------------------------------------
     gradient_checkpointing: bool = option(
@@ -352,7 +367,18 @@ class TrainConfig:
             fail(f"--push-to-hub {self.push_to_hub!r}: give a repository id such as your-name/sks-dog-lora")
 
     def _check_optimizer(self, fail) -> None:
-        """What the chosen optimizer cannot honour."""
+        """What the chosen optimizer (and --use-ema) cannot honour."""
+        if self.ema_decay is not None and not self.use_ema:
+            fail("--ema-decay sets --use-ema's decay: add --use-ema, or drop it")
+        if self.use_ema and self.ema_decay is None:
+            self.ema_decay = DEFAULT_EMA_DECAY
+        if self.use_ema and self.method == "full":
+            fail("--use-ema averages LoRA weights; with --method full drop it (or train with --method lora)")
+        if self.use_ema and self.optimizer == "schedulefree-adamw":
+            fail(
+                "--use-ema: schedule-free AdamW already samples and saves an average of its weights; drop --use-ema, "
+                "or choose another --optimizer"
+            )
         if self.optimizer == "schedulefree-adamw" and self.lr_scheduler != "constant":
             fail(
                 f"--optimizer schedulefree-adamw replaces the learning-rate schedule: drop --lr-scheduler "

@@ -1,6 +1,7 @@
 """Resumable training checkpoints, stored without pickle.
 
-`OUTPUT_DIR/checkpoint-STEP/` holds the trainable weights (`trainable.safetensors`), the optimizer state
+`OUTPUT_DIR/checkpoint-STEP/` holds the trainable weights (`trainable.safetensors`), their EMA with `--use-ema`
+(`ema.safetensors`), the optimizer state
 (tensors in `optimizer.safetensors`, the rest in `state.json`), the learning-rate scheduler, each process's
 RNG states (`rng.safetensors`), fp16's loss-scaler state (in `state.json`) and the step. A folder is written
 under a temporary name and renamed when complete, so a crash mid-save leaves the previous checkpoints as they were.
@@ -27,6 +28,8 @@ from lora_db.layout import list_checkpoints
 
 logger = logging.getLogger("lora_db")
 
+EMA_FILE = "ema.safetensors"
+
 
 @dataclass
 class TrainingState:
@@ -36,6 +39,7 @@ class TrainingState:
     scheduler: dict[str, Any]
     rng: dict[str, torch.Tensor]
     scaler: dict[str, Any] | None = None  # fp16's GradScaler: scale and growth tracker (plain numbers)
+    ema: dict[str, torch.Tensor] | None = None  # --use-ema: the moving average of each trained tensor
 
 
 def resolve_checkpoint(output_dir: Path, resume: str) -> Path | None:
@@ -105,6 +109,8 @@ def save_checkpoint(
         )
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, str(tmp / "rng.safetensors"))
+        if state.ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.ema.items()}, str(tmp / EMA_FILE))
         meta = {"step": state.step, "optimizer": optimizer_rest, "scheduler": state.scheduler, "scaler": state.scaler}
         for name, content in (records or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=1))
@@ -135,6 +141,7 @@ def load_checkpoint(path: Path) -> TrainingState:
             scheduler=meta["scheduler"],
             rng=load_file(str(path / "rng.safetensors")),
             scaler=meta.get("scaler"),
+            ema=load_file(str(path / EMA_FILE)) if (path / EMA_FILE).is_file() else None,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise LoraDBError(f"checkpoint {path} is damaged ({err}); resume from an earlier checkpoint-N folder") from None
@@ -191,8 +198,20 @@ def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, 
         torch.cuda.set_rng_state(own("cuda"))
 
 
-def restore(path: Path, models, optimizer, scheduler, generator: torch.Generator, accelerator, seed: int = 0) -> int:
+def restore(
+    path: Path, models, optimizer, scheduler, generator: torch.Generator, accelerator, seed: int = 0, ema=None
+) -> int:
     state = load_checkpoint(path)
+    if (ema is None) != (state.ema is None):
+        held = "holds" if state.ema is not None else "holds no"
+        raise LoraDBError(
+            f"checkpoint {path} {held} an EMA of the weights (--use-ema); resume with the options of that run"
+        )
+    if ema is not None:
+        try:
+            ema.load_state_dict(state.ema)
+        except KeyError as err:
+            raise LoraDBError(f"checkpoint {path}: {err.args[0]}; resume with the options of that run") from None
     params = trainable_state(models)
     if set(state.trainable) != set(params):
         raise LoraDBError(

@@ -51,7 +51,9 @@ from lora_db.models.loading import (
 from lora_db.models.memory import check_mixed_precision, count_parameters, weight_dtype
 from lora_db.models.quantize import check_quantization, quantization_tensors
 from lora_db.models.random import build_random_pipeline
+from lora_db.training.checkpoint import trainable_state
 from lora_db.training.data import ImageRecord, scan_images
+from lora_db.training.ema import setup_ema
 from lora_db.training.examples import PromptEncoder, example_source
 from lora_db.training.loop import micro_batch_loss
 from lora_db.training.optimizers import check_optimizer, setup_optimizer
@@ -329,6 +331,8 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
             "Prodigy counted with a copy of every trained weight's start; it keeps a scalar for weights that start "
             "at zero (LoRA's B matrices), so the optimizer column is high by their size"
         )
+    if config.use_ema:
+        notes.append("the optimizer column includes --use-ema's average, an fp32 copy of every trained weight")
     if config.init_adapter is not None:
         # Its weights only replace the initial values of tensors of the same shapes: the same memory.
         config = replace(config, init_adapter=None)
@@ -348,6 +352,8 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
         cached = [t for source in run.sources for item in source.cache or [] for t in item]
         tracker.track_external(*(getattr(pipe, name) for name in COMPONENTS), run.optimizer, *cached)
         tracker.track_external(*run.prompts.cache.values())
+        if run.ema is not None:
+            tracker.track_external(*run.ema.average.values())
         # Quantization constants (absmax, scales) are attributes of bitsandbytes' weights, not parameters.
         tracker.track_external(*(t for name in COMPONENTS for t in quantization_tensors(getattr(pipe, name))))
         setup_bytes = _device_total(tracker.get_tracker_snapshot("current"), traced)
@@ -366,7 +372,7 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
         resolution=config.resolution,
         batch=config.train_batch_size * len(run.sources),
         trainable_parameters=count_parameters(*run.models.trained.values(), trainable_only=True),
-        components=_components(pipe, run.optimizer, saved),
+        components=_components(pipe, run.optimizer, saved, run.ema),
         at_peak=at_peak,
         peak_bytes=peak.get(_TOTAL, 0),
         setup_bytes=setup_bytes,
@@ -405,6 +411,7 @@ def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scra
         lr_scheduler=lr_scheduler,
         wrapped=dict(models.trained),
         generator=torch.Generator().manual_seed(config.seed),
+        ema=setup_ema(config, trainable_state(models)),
     )
 
 
@@ -458,6 +465,8 @@ def _traced_step(run, step: int, tracker, saved: dict[str, int]) -> None:
     if config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(run.trainable_parameters, config.max_grad_norm)
     run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update(step + 1)
     run.optimizer.zero_grad(set_to_none=True)
 
 
@@ -483,11 +492,12 @@ def _storage_bytes(tensors) -> int:
     return sum(storage.nbytes() for storage in storages.values())
 
 
-def _components(pipe, optimizer, saved: dict[str, int]) -> dict[str, ComponentMemory]:
+def _components(pipe, optimizer, saved: dict[str, int], ema=None) -> dict[str, ComponentMemory]:
     parts = {}
     for name in COMPONENTS:
         module: nn.Module = getattr(pipe, name)
         trainable = [p for p in module.parameters() if p.requires_grad]
+        averages = [t for key, t in ema.average.items() if key.startswith(name + ".")] if ema is not None else []
         weights = _storage_bytes([*module.parameters(), *module.buffers(), *quantization_tensors(module)])
         if weights == 0:
             released = "prompts encoded once" if name == "text_encoder" else "--cache-latents: images encoded once"
@@ -496,7 +506,7 @@ def _components(pipe, optimizer, saved: dict[str, int]) -> dict[str, ComponentMe
         parts[name] = ComponentMemory(
             weights=weights,
             gradients=sum(p.numel() * p.element_size() for p in trainable),
-            optimizer=_storage_bytes(t for p in trainable for t in optimizer.state.get(p, {}).values()),
+            optimizer=_storage_bytes([*(t for p in trainable for t in optimizer.state.get(p, {}).values()), *averages]),
             saved_activations=saved.get(name, 0),
         )
     return parts

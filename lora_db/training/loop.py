@@ -36,7 +36,7 @@ from lora_db.io import (
     atomic_write_text,
     explain_os_error,
 )
-from lora_db.layout import METRICS_FILE
+from lora_db.layout import METRICS_FILE, RAW_ADAPTER_FILE
 from lora_db.locks import output_lock
 from lora_db.models.memory import count_parameters, peak_memory_bytes, reset_peak_memory
 from lora_db.models.objective import dreambooth_loss
@@ -54,9 +54,10 @@ from lora_db.training.checkpoint import (
 from lora_db.training.compiling import compile_unet
 from lora_db.training.data import batch_indices
 from lora_db.training.divergence import check_loss, check_weights
+from lora_db.training.ema import checkpoint_weights, evaluation_weights, training_weights
 from lora_db.training.hub import push_run
 from lora_db.training.model_card import write_model_card
-from lora_db.training.optimizers import averaged_weights, current_learning_rate, training_weights
+from lora_db.training.optimizers import current_learning_rate
 from lora_db.training.outputs import replica_divergence, rescue_weights, run_validation, save_outputs
 from lora_db.training.resume import (
     RUN_RECORD,
@@ -192,6 +193,8 @@ def optimizer_step(run: Run, step: int, stop_requested=lambda: False) -> torch.T
         accelerator.clip_grad_norm_(run.trainable_parameters, config.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.update(step + 1)
     run.optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(step_loss, reduction="mean")
 
@@ -243,7 +246,14 @@ def resume(run: Run, checkpoint: Path | None) -> int:
     step = 0
     if checkpoint is not None:
         step = restore(
-            checkpoint, run.models, run.optimizer, run.lr_scheduler, run.generator, run.accelerator, config.seed
+            checkpoint,
+            run.models,
+            run.optimizer,
+            run.lr_scheduler,
+            run.generator,
+            run.accelerator,
+            config.seed,
+            ema=run.ema,
         )
         logger.info("resumed from %s at step %d", checkpoint, step)
         saved = (read_run_record(checkpoint) or {}).get("config")
@@ -259,7 +269,7 @@ def resume(run: Run, checkpoint: Path | None) -> int:
 
 
 def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
-    averaged_weights(run.optimizer)  # what schedule-free saves; the next step switches back
+    checkpoint_weights(run)  # the next step takes the weights it trains at again
     check_weights(run.config, run.models, step, run.accelerator.is_main_process)
     rng = rng_state(run.generator, run.accelerator)  # a collective: every process takes part
     if not run.accelerator.is_main_process:
@@ -271,6 +281,7 @@ def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
         run.lr_scheduler.state_dict(),
         rng,
         scaler_state(run.accelerator),
+        ema=run.ema.state_dict() if run.ema is not None else None,
     )
     records = {RUN_RECORD: record} if record is not None else None
     return save_checkpoint(run.config.output_dir, state, run.config.checkpoints_total_limit, records)
@@ -368,7 +379,7 @@ def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path
             raise
         if not accelerator.is_main_process or run.output_path is not None:
             raise failed from err
-        averaged_weights(run.optimizer)
+        evaluation_weights(run)
         raise rescue_weights(config, run.models, run.steps_done, failed) from err
 
 
@@ -417,7 +428,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
             started = time.perf_counter()
             before = local_rng_state(run.generator) if config.gradient_accumulation_steps > 1 else None
             try:
-                training_weights(run.optimizer)
+                training_weights(run)
                 loss = optimizer_step(run, step, lambda: stop_requested(stop, accelerator)).item()
             except StepAbandoned:
                 # The step's micro-batches are dropped and its random draws put back: resuming repeats it exactly.
@@ -444,11 +455,11 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
             is_last = step == config.max_train_steps
             evaluating = config.eval_steps > 0 and (step % config.eval_steps == 0 or is_last)
             validating = config.validation_prompt is not None and (step % config.validation_steps == 0 or is_last)
-            if evaluating or validating:
-                averaged_weights(run.optimizer)  # on every process, so that all switch back alike
-            if run.evaluator is not None and evaluating:
-                with sampling_mode(config, run.models, accelerator):
-                    metrics.update(run.evaluator(step))
+            if evaluating:
+                evaluation_weights(run)  # on every process, so that all switch back alike
+                if run.evaluator is not None:
+                    with sampling_mode(config, run.models, accelerator):
+                        metrics.update(run.evaluator(step))
             if accelerator.is_main_process:
                 append_line(metrics_path, json.dumps(metrics))
             if accelerator.log_with:
@@ -462,6 +473,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
                 started = time.perf_counter()
                 stop.note_checkpoint(time.perf_counter() - started, checkpoint(run, step, record))
             if validating:
+                evaluation_weights(run)  # a checkpoint just now put the trained weights back
                 if accelerator.is_main_process:
                     validation_dir = run_validation(config, run.models, accelerator, step)
                     release_idle_modules(config, run.models.pipe)
@@ -478,8 +490,11 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        averaged_weights(run.optimizer)
+        evaluation_weights(run)
         adapter_path = run.output_path = save_outputs(config, run.models, step)
+        if run.ema is not None:  # the trained weights beside their average
+            run.ema.restore()
+            save_outputs(config, run.models, step, RAW_ADAPTER_FILE)
         summary = {
             "steps": step,
             "final_loss": losses[-1] if losses else None,

@@ -16,7 +16,7 @@ from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.images import image_grid, save_png
 from lora_db.io import DiskFullError, WriteError, atomic_directory
-from lora_db.layout import ADAPTER_FILE, list_checkpoints
+from lora_db.layout import ADAPTER_FILE, RAW_ADAPTER_FILE, list_checkpoints
 from lora_db.models.memory import eager_calls
 from lora_db.models.sampling import generate_images
 from lora_db.training.checkpoint import trainable_state
@@ -39,15 +39,18 @@ def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
     }
 
 
-def save_outputs(config: TrainConfig, models: Models, step: int) -> Path:
-    """The run's result: the adapter file (LoRA) or a diffusers U-ViT folder (full fine-tuning)."""
+def save_outputs(config: TrainConfig, models: Models, step: int, file_name: str = ADAPTER_FILE) -> Path:
+    """The run's result: the adapter file (LoRA; named `file_name`) or a diffusers U-ViT folder (full fine-tuning)."""
     check_weights(config, models, step)
     if config.method == "full":
         with atomic_directory(config.output_dir / "unet", replace=True) as tmp:
             models.unet.save_pretrained(tmp, safe_serialization=True)
         return config.output_dir / "unet"
     tensors = {component: lora_state_dict(module) for component, module in models.trained.items()}
-    return save_adapter(config.output_dir / ADAPTER_FILE, tensors, models.specs, adapter_metadata(config, step))
+    metadata = adapter_metadata(config, step)
+    if config.use_ema:
+        metadata["weights"] = "trained" if file_name == RAW_ADAPTER_FILE else f"EMA (decay {config.ema_decay:g})"
+    return save_adapter(config.output_dir / file_name, tensors, models.specs, metadata)
 
 
 def run_validation(config: TrainConfig, models: Models, accelerator, step: int) -> Path:

@@ -29,6 +29,7 @@ from lora_db.layout import (
     ADAPTER_FILE,
     CHECKPOINT_PATTERN,
     METRICS_FILE,
+    RAW_ADAPTER_FILE,
     list_checkpoints,
     written_by_training,
 )
@@ -46,9 +47,11 @@ from lora_db.models.memory import (
     weight_dtype,
 )
 from lora_db.models.quantize import check_quantization, quantize_pipeline
+from lora_db.training.checkpoint import trainable_state
 from lora_db.training.class_images import describe as describe_class_images
 from lora_db.training.class_images import generate_class_images, plan_class_images
 from lora_db.training.data import ImageRecord, check_caption_lengths, scan_images
+from lora_db.training.ema import EMA, setup_ema
 from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
 from lora_db.training.hub import check_hub_access
 from lora_db.training.optimizers import check_optimizer, setup_optimizer
@@ -57,7 +60,7 @@ from lora_db.training.tracking import resolve_tracker
 logger = logging.getLogger("lora_db")
 
 
-RUN_FILES = (ADAPTER_FILE, METRICS_FILE, "config.json", "summary.json", "unet", ABANDONED_DIR)
+RUN_FILES = (ADAPTER_FILE, RAW_ADAPTER_FILE, METRICS_FILE, "config.json", "summary.json", "unet", ABANDONED_DIR)
 
 
 FINAL_OUTPUTS = (ADAPTER_FILE, "unet", "summary.json")
@@ -321,6 +324,7 @@ class Run:
     steps_done: int = 0
     output_path: Path | None = None  # the adapter (or U-ViT folder) once written
     evaluator: object = None  # --eval-steps: an evaluate.TrainingEval on the main process
+    ema: EMA | None = None  # --use-ema: the moving average of the trained weights
     compiled: dict | None = None  # --compile: what lora_db.training.compiling.compile_unet did
 
     @property
@@ -379,5 +383,6 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
         lr_scheduler=lr_scheduler,
         wrapped=wrapped,
         generator=generator,
+        ema=setup_ema(config, trainable_state(models)),
         setup_memory_bytes=current_memory_bytes(device),
     )
