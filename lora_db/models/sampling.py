@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,12 +46,36 @@ def generate_images(
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
+                output_type="np",  # made PIL here, after a look at the numbers PIL would hide
             )
-        images.extend(out.images)
+        images.extend(to_pil(array) for array in out.images)
         if on_batch is not None:
             on_batch(count)
     pipe.reset_mode()
     return images
+
+
+SAMPLE_PROBLEM = "lora_db.sample_problem"  # key in a generated image's `info`: what is wrong with it, if anything
+
+
+def sample_problem(array: np.ndarray) -> str | None:
+    """What makes a sample (floats in [0, 1], as the pipeline decodes it) useless, or None: non-finite values
+    (they save as black), or one value everywhere (a black, grey or single-colour picture)."""
+    if not np.isfinite(array).all():
+        return "holds NaN or infinite values"
+    levels = np.round(array * 255)
+    if levels.min() == levels.max():
+        return f"is one value everywhere ({int(levels.min())} of 255)"
+    return None
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """diffusers' float-to-PIL conversion (x 255, rounded), with a problem noted in `info[SAMPLE_PROBLEM]`."""
+    image = Image.fromarray(np.round(np.nan_to_num(array) * 255).astype(np.uint8))
+    problem = sample_problem(array)
+    if problem is not None:
+        image.info[SAMPLE_PROBLEM] = problem
+    return image
 
 
 def _initial_latents(pipe, generators: Sequence[torch.Generator], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ folder); `run_validation` every --validation-steps."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,14 @@ from lora_db.images import image_grid, save_png
 from lora_db.io import DiskFullError, WriteError, atomic_directory
 from lora_db.layout import ADAPTER_FILE, RAW_ADAPTER_FILE, list_checkpoints
 from lora_db.models.memory import eager_calls
-from lora_db.models.sampling import generate_images
+from lora_db.models.sampling import SAMPLE_PROBLEM, generate_images
 from lora_db.training.checkpoint import trainable_state
 from lora_db.training.divergence import check_weights
 from lora_db.training.setup import Models, Run, encoders_to_device
 from lora_db.training.tracking import log_validation_images, tracked
 from lora_db.version import __version__
+
+logger = logging.getLogger("lora_db")
 
 
 def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
@@ -70,6 +73,16 @@ def run_validation(config: TrainConfig, models: Models, accelerator, step: int) 
             autocast=accelerator.autocast,
         )
     for i, image in enumerate(images):
+        problem = image.info.get(SAMPLE_PROBLEM)
+        if problem is not None:
+            logger.warning(
+                "validation at step %d: sample %d (seed %d) %s; the weights have diverged or the sampling settings "
+                "are off (the PNG is saved as it came out)",
+                step,
+                i,
+                config.seed + i,
+                problem,
+            )
         save_png(
             image,
             folder / f"step-{step:06d}-{i}.png",
