@@ -18,7 +18,6 @@ from lora_db.adapters.spec import MAX_ABS_WEIGHT, describe_peak, out_of_range
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.layout import ABANDONED_DIR, list_checkpoints
-from lora_db.training.checkpoint import trainable_state
 from lora_db.training.resume import retire_later_checkpoints
 
 LARGE_SCALE = 16.0  # alpha / rank above this makes every update that much larger: named as the likely cause
@@ -73,7 +72,7 @@ def diverged(config: TrainConfig, weights_step: int, what: str, main_process: bo
 
 def check_weights(config: TrainConfig, models, step: int, main_process: bool = True) -> None:
     """Refuse weights holding NaN, infinities or magnitudes above MAX_ABS_WEIGHT (after each update, before saves)."""
-    bad = out_of_range(trainable_state(models))
+    bad = out_of_range(models.named_trainable)
     if bad is not None:
         name, peak = bad
         what = f"{name} holds {describe_peak(peak)} (trained weights stay far below {MAX_ABS_WEIGHT:g})"

@@ -6,6 +6,7 @@ injection, the optimizer and the example sources, each in a function of its own 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -75,6 +76,12 @@ class Models:
     text_encoder: nn.Module
     specs: dict[str, LoraSpec]
     trained: dict[str, nn.Module]
+
+    @functools.cached_property
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """component.parameter -> each trained parameter. Fixed once set up and read after every step: walking the
+        U-ViT's modules for them each time cost milliseconds a step (benchmarks/README.md, Speed)."""
+        return trainable_state(self)
 
 
 def check_before_loading(config: TrainConfig, device: torch.device) -> TrainConfig:
@@ -329,7 +336,7 @@ class Run:
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.models.trained.values() for p in m.parameters() if p.requires_grad]
+        return list(self.models.named_trainable.values())
 
 
 def setup_run(config: TrainConfig, accelerator) -> Run:
