@@ -47,6 +47,7 @@ def test_every_visible_option_is_generated_from_a_config_field_with_its_help():
     from lora_db.config.evaluate import EstimateConfig, EvalConfig
     from lora_db.config.fields import flag_name
     from lora_db.config.train import TrainConfig
+    from lora_db.config.ui import UiConfig
 
     configs = {
         "train": [TrainConfig],
@@ -57,6 +58,7 @@ def test_every_visible_option_is_generated_from_a_config_field_with_its_help():
         "info": [InfoConfig],
         "export": [ExportConfig],
         "demo-images": [DemoImagesConfig],
+        "ui": [UiConfig],
     }
     params = command_params()
     assert set(configs) == set(params)

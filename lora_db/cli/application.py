@@ -1,4 +1,4 @@
-"""The `lora-db` application: the commands of lora_db.cli.train, .adapters and .evaluate, and one-line errors.
+"""The `lora-db` application: the commands of lora_db.cli.train, .adapters, .evaluate and .ui, and one-line errors.
 
 A problem the user can fix prints one line on stderr and exits with code 1 (`--debug` or LORA_DB_DEBUG=1 shows
 the traceback); usage errors keep typer's exit code 2. An error of the operating system (a full disk, a missing
@@ -22,6 +22,7 @@ import typer
 from lora_db.cli.adapters import app as adapter_commands
 from lora_db.cli.evaluate import app as eval_commands
 from lora_db.cli.train import app as train_commands
+from lora_db.cli.ui import app as ui_commands
 from lora_db.errors import LoraDBError
 from lora_db.io import explain_os_error, os_error_of
 from lora_db.logs import ESCAPE_CONTROLS, printable_line, quiet_library_logs
@@ -53,7 +54,7 @@ def _root(
     quiet_library_logs()
 
 
-for commands in (train_commands, adapter_commands, eval_commands):
+for commands in (train_commands, adapter_commands, eval_commands, ui_commands):
     app.registered_commands += commands.registered_commands
 
 

@@ -4,6 +4,7 @@
 - train.py: `TrainConfig` (`lora-db train`, and `estimate` with `EstimateConfig` from evaluate.py)
 - commands.py: `SampleConfig`, `MergeConfig`, `InfoConfig`, `ExportConfig`, `DemoImagesConfig`, `WeightedAdapter`
 - evaluate.py: `EvalConfig`, `EstimateConfig`
+- ui.py: `UiConfig` (`lora-db ui`)
 """
 
 from lora_db.config.commands import (
@@ -17,6 +18,7 @@ from lora_db.config.commands import (
 from lora_db.config.evaluate import EstimateConfig, EvalConfig
 from lora_db.config.fields import option
 from lora_db.config.train import TrainConfig, load_toml
+from lora_db.config.ui import UiConfig
 
 __all__ = [
     "DemoImagesConfig",
@@ -27,6 +29,7 @@ __all__ = [
     "MergeConfig",
     "SampleConfig",
     "TrainConfig",
+    "UiConfig",
     "WeightedAdapter",
     "load_toml",
     "option",
