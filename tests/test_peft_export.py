@@ -95,7 +95,7 @@ def test_export_command_and_its_refusals(exported, tmp_path, monkeypatch, capsys
         ({"rank_pattern": {"to_q": 8}}, r"rank_pattern \(per-layer ranks\) cannot be applied exactly"),
         ({"bias": "all"}, "trained biases cannot be applied exactly"),
         ({"target_modules": ".*to_q"}, "target_modules must be a list"),
-        ({"peft_type": "LOHA"}, "a LOHA adapter"),
+        ({"peft_type": "IA3"}, "a IA3 adapter; lora-db applies LoRA .and DoRA., LoKr and LoHa only"),
     ],
 )
 def test_peft_folders_lora_db_cannot_apply_exactly_are_refused(change, fragment, exported, tmp_path):

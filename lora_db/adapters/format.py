@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lora_db.adapters.layers import lora_pairs
+from lora_db.adapters.layers import update_shapes
 from lora_db.adapters.peft import read_peft_folder, write_peft_folders
 from lora_db.adapters.spec import FORMAT, AdapterFile, LoraSpec, checked_adapter, parse_spec
 from lora_db.errors import LoraDBError
@@ -100,7 +100,7 @@ def describe_adapter(adapter: AdapterFile) -> dict[str, object]:
             "scale": spec.scale,
             "variant": spec.variant,
             "target_modules": list(spec.target_modules),
-            "layers": len(lora_pairs(adapter, component)),
+            "layers": len(update_shapes(adapter, component)),
             "parameters": sum(t.numel() for t in adapter.tensors[component].values()),
         }
     info: dict[str, object] = {

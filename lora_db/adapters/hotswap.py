@@ -36,9 +36,10 @@ ADAPTER_NAME = r"[0-9A-Za-z_-]+"  # peft keeps adapters in ModuleDicts, whose ke
 
 
 def lora_layers(module: nn.Module | None) -> list[nn.Module]:
-    from peft.tuners.lora import LoraLayer
+    """peft's adapter layers (LoRA, LoKr or LoHa) in `module`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [] if module is None else [m for m in module.modules() if isinstance(m, LoraLayer)]
+    return [] if module is None else [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
 class AdapterSet:
@@ -63,6 +64,15 @@ class AdapterSet:
             raise LoraDBError(f"adapter name {name!r}: use letters, digits, _ and - only")
         if name in self.files:
             raise LoraDBError(f"an adapter named {name} is already loaded; choose another name")
+        for loaded in self.files.values():
+            for component, spec in adapter.specs.items():
+                other = loaded.specs.get(component)
+                if other is not None and other.kind != spec.kind:
+                    raise LoraDBError(
+                        f"{adapter.path} is a {spec.variant} adapter and {loaded.path} a {other.variant} one: peft "
+                        "cannot put adapters of two kinds into one layer; load them into separate pipelines, or "
+                        "merge one into the model first (lora-db merge --out)"
+                    )
         modules = {component: pipeline_component(self.pipe, adapter, component) for component in adapter.specs}
         for component, module in modules.items():
             check_fits(module, adapter, component)
@@ -89,7 +99,7 @@ class AdapterSet:
         check_summable(self.files[name] for name in weights)
         for layers in self._layers.values():
             for layer in layers:
-                present = [name for name in weights if name in layer.lora_A]
+                present = [name for name in weights if name in layer.scaling]
                 layer.enable_adapters(bool(present))
                 if present:
                     layer.set_adapter(present, inference_mode=True)

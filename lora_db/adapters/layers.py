@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from lora_db.adapters.kinds import modules_of, update_shape
 from lora_db.adapters.spec import COMPONENTS, MAGNITUDE_SUFFIX, AdapterFile, LoraSpec
 from lora_db.errors import LoraDBError
 
@@ -187,18 +188,31 @@ def lora_magnitudes(adapter: AdapterFile, component: str) -> dict[str, torch.Ten
     return magnitudes
 
 
+def update_shapes(adapter: AdapterFile, component: str) -> dict[str, tuple[int, int]]:
+    """Module name -> (out, in) features of the weight each of a component's modules updates, for every kind."""
+    kind = adapter.specs[component].kind
+    if kind == "lora":
+        return {module: (b.shape[0], a.shape[1]) for module, (a, b) in lora_pairs(adapter, component).items()}
+    modules = modules_of(adapter.tensors[component], kind, f"{adapter.path}: {component}")
+    return {module: update_shape(tensors, kind) for module, tensors in modules.items()}
+
+
+def lycoris_modules(adapter: AdapterFile, component: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Module name -> its LoKr or LoHa tensors."""
+    return modules_of(adapter.tensors[component], adapter.specs[component].kind, f"{adapter.path}: {component}")
+
+
 def check_fits(model: nn.Module, adapter: AdapterFile, component: str) -> None:
     """Refuse an adapter that does not fit `model`: unknown layers, other shapes, or layers its targets miss."""
     layers = linear_layers(model)
-    pairs = lora_pairs(adapter, component)
-    for module, (lora_a, lora_b) in pairs.items():
+    pairs = update_shapes(adapter, component)
+    for module, trained in pairs.items():
         if module not in layers:
             raise LoraDBError(
                 f"{adapter.path}: the model has no linear layer {component}.{module}; "
                 "the adapter was trained for another architecture"
             )
         layer = layers[module]
-        trained = (lora_b.shape[0], lora_a.shape[1])
         if trained != (layer.out_features, layer.in_features):
             raise LoraDBError(
                 f"{adapter.path}: {component}.{module} is {trained[0]}x{trained[1]} in the adapter but "
@@ -215,7 +229,7 @@ def check_fits(model: nn.Module, adapter: AdapterFile, component: str) -> None:
     missing = [n for n in layers if matches_target(n, adapter.specs[component].target_modules) and n not in pairs]
     if missing:
         raise LoraDBError(
-            f"{adapter.path}: no LoRA weights for {component}.{missing[0]} ({len(missing)} layers), which its "
+            f"{adapter.path}: no adapter weights for {component}.{missing[0]} ({len(missing)} layers), which its "
             "targets name in this model; the adapter was trained for another architecture"
         )
 

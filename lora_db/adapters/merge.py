@@ -28,6 +28,7 @@ from torch import nn
 
 from lora_db.adapters.format import read_adapter, save_adapter
 from lora_db.adapters.hotswap import resolve_model
+from lora_db.adapters.kinds import refuse_in_lora_file, update
 from lora_db.adapters.layers import (
     check_fits,
     check_summable,
@@ -36,6 +37,7 @@ from lora_db.adapters.layers import (
     lora_magnitudes,
     lora_pairs,
     lora_scale,
+    lycoris_modules,
     pipeline_component,
 )
 from lora_db.adapters.spec import COMPONENTS, AdapterFile, LoraSpec
@@ -74,6 +76,11 @@ def fold_adapters(pipe, adapters: Weighted) -> int:
             model = pipeline_component(pipe, adapter, component)
             check_fits(model, adapter, component)
             summed = deltas.setdefault(component, {})
+            if spec.kind != "lora":
+                for module, tensors in lycoris_modules(adapter, component).items():
+                    delta = update(tensors, spec.kind, lora_scale(spec, weight))
+                    summed[module] = summed[module] + delta if module in summed else delta
+                continue
             magnitudes = lora_magnitudes(adapter, component)
             for module, (lora_a, lora_b) in lora_pairs(adapter, component).items():
                 scale = lora_scale(spec, weight)
@@ -253,6 +260,9 @@ def combine_adapters(adapters: Weighted, rank: int | None = None) -> Combined:
     Concatenation stacks the A matrices and puts the B matrices side by side, each B times its adapter's
     weight x scale, so B @ A is the weighted sum; alpha = rank keeps the new scale 1. DoRA adapters are refused.
     """
+    for adapter, _ in adapters:
+        for spec in adapter.specs.values():
+            refuse_in_lora_file(adapter.path, spec.kind, "--into-adapter")
     dora = [a for a, _ in adapters if any(s.use_dora for s in a.specs.values())]
     if dora:
         raise LoraDBError(

@@ -21,7 +21,17 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from lora_db.adapters.spec import COMPONENTS, PEFT_KEYS, AdapterFile, LoraSpec, checked_adapter, parse_spec, read_bool
+from lora_db.adapters.kinds import PEFT_TYPES
+from lora_db.adapters.spec import (
+    COMPONENTS,
+    PEFT_KEYS,
+    PEFT_LYCORIS_KEYS,
+    AdapterFile,
+    LoraSpec,
+    checked_adapter,
+    parse_spec,
+    read_bool,
+)
 from lora_db.errors import LoraDBError
 from lora_db.io import WRITTEN_RECORD, atomic_directory, check_output_folder
 from lora_db.logs import printable
@@ -106,8 +116,11 @@ def _guess_component(folder: Path) -> str:
 
 def _read_config(path: Path) -> LoraSpec:
     raw = _read_json_table(path)
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise LoraDBError(f"{path}: a {printable(raw.get('peft_type'))} adapter; lora-db applies LoRA (and DoRA) only")
+    kind = PEFT_TYPES.get(raw.get("peft_type", "LORA"))
+    if kind is None:
+        raise LoraDBError(
+            f"{path}: a {printable(raw.get('peft_type'))} adapter; lora-db applies LoRA (and DoRA), LoKr and LoHa only"
+        )
     unsupported = {
         "rank_pattern": "per-layer ranks",
         "alpha_pattern": "per-layer alphas",
@@ -123,7 +136,7 @@ def _read_config(path: Path) -> LoraSpec:
         raise LoraDBError(f"{path}: trained biases cannot be applied exactly by lora-db")
     if raw.get("fan_in_fan_out") is not None and read_bool(raw["fan_in_fan_out"], f"{path}: fan_in_fan_out"):
         raise LoraDBError(f"{path}: fan_in_fan_out (Conv1D layers) does not occur in UniDiffuser")
-    spec = parse_spec(raw, str(path), PEFT_KEYS)
+    spec = parse_spec(raw, str(path), PEFT_KEYS if kind == "lora" else PEFT_LYCORIS_KEYS, kind=kind)
     return replace(spec, target_modules=tuple(sorted(spec.target_modules)))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lora_db.adapters.kinds import ADAPTER_KINDS, KIND_NAMES, check_module, modules_of
 from lora_db.errors import LoraDBError
 from lora_db.logs import printable
 
@@ -36,6 +37,7 @@ class LoraSpec:
     dropout: float = 0.0
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature (peft's DoRA)
     use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank
+    kind: str = "lora"  # lora, lokr or loha (lora_db.adapters.kinds): what the tensors are and the update they make
 
     @property
     def scale(self) -> float:
@@ -44,11 +46,18 @@ class LoraSpec:
 
     @property
     def variant(self) -> str:
+        if self.kind != "lora":
+            return KIND_NAMES[self.kind]
         return " + ".join(name for name, on in (("DoRA", self.use_dora), ("rsLoRA", self.use_rslora)) if on) or "LoRA"
 
     def peft_config(self):
-        from peft import LoraConfig
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
 
+        if self.kind != "lora":
+            config = LoKrConfig if self.kind == "lokr" else LoHaConfig
+            return config(
+                r=self.rank, alpha=self.alpha, target_modules=list(self.target_modules), module_dropout=self.dropout
+            )
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -84,6 +93,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 LORA_DB_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "target_modules", "dropout": "dropout"}
 PEFT_KEYS = {"rank": "r", "alpha": "lora_alpha", "targets": "target_modules", "dropout": "lora_dropout"}
+PEFT_LYCORIS_KEYS = {"rank": "r", "alpha": "alpha", "targets": "target_modules", "dropout": "module_dropout"}
 
 
 def out_of_range(tensors: Mapping[str, torch.Tensor], limit: float = MAX_ABS_WEIGHT) -> tuple[str, float] | None:
@@ -126,9 +136,10 @@ def _number(value: object, where: str) -> float:
     return float(value)
 
 
-def parse_spec(raw: object, where: str, keys: Mapping[str, str] = LORA_DB_KEYS) -> LoraSpec:
+def parse_spec(raw: object, where: str, keys: Mapping[str, str] = LORA_DB_KEYS, kind: str | None = None) -> LoraSpec:
     """A LoraSpec from a file's fields (lora-db's metadata, a peft adapter_config.json, a run's config.json), each
-    checked for its type and range; `keys` names the fields as that file spells them. Errors name the field."""
+    checked for its type and range; `keys` names the fields as that file spells them, `kind` the adapter kind when
+    the file says it elsewhere. Errors name the field."""
     if not isinstance(raw, Mapping):
         raise LoraDBError(f"{where}: must be a table of LoRA settings, not {printable(repr(raw))}")
 
@@ -145,6 +156,9 @@ def parse_spec(raw: object, where: str, keys: Mapping[str, str] = LORA_DB_KEYS) 
     targets = get("targets")
     if not (isinstance(targets, list | tuple) and targets and all(isinstance(t, str) and t for t in targets)):
         raise LoraDBError(f"{where}: {keys['targets']} must be a list of layer names, not {printable(repr(targets))}")
+    kind = kind or raw.get("kind", "lora")
+    if kind not in ADAPTER_KINDS:
+        raise LoraDBError(f"{where}: kind must be one of {', '.join(ADAPTER_KINDS)}, not {printable(repr(kind))}")
     spec = LoraSpec(
         rank,
         alpha,
@@ -152,7 +166,10 @@ def parse_spec(raw: object, where: str, keys: Mapping[str, str] = LORA_DB_KEYS) 
         dropout,
         use_dora=read_bool(get("use_dora", False), f"{where}: use_dora"),
         use_rslora=read_bool(get("use_rslora", False), f"{where}: use_rslora"),
+        kind=kind,
     )
+    if kind != "lora" and (spec.use_dora or spec.use_rslora):
+        raise LoraDBError(f"{where}: DoRA and rsLoRA are LoRA variants; a {KIND_NAMES[kind]} adapter has neither")
     if alpha <= 0 or not 0 <= dropout < 1:
         field, value = (keys["alpha"], alpha) if alpha <= 0 else (keys["dropout"], dropout)
         raise LoraDBError(f"{where}: {field} {value:g} is out of range (alpha above 0, dropout in [0, 1))")
@@ -192,6 +209,9 @@ def checked_adapter(
 def _check_component(path: Path, component: str, part: Mapping[str, torch.Tensor], spec: LoraSpec) -> None:
     if not part:
         raise LoraDBError(f"{path}: component {component} has no tensors")
+    if spec.kind != "lora":
+        _check_lycoris(path, component, part, spec)
+        return
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in part.items():
         name = f"{path}: {component}.{printable(key)}"
@@ -229,6 +249,22 @@ def _check_component(path: Path, component: str, part: Mapping[str, torch.Tensor
                 f"{path}: {component}.{printable(module)}'s DoRA magnitude has {kinds['magnitude'].shape[0]} values "
                 f"for {kinds['B.weight'].shape[0]} output features; the file is inconsistent"
             )
+    _check_magnitudes(path, component, part)
+
+
+def _check_lycoris(path: Path, component: str, part: Mapping[str, torch.Tensor], spec: LoraSpec) -> None:
+    for key, tensor in part.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise LoraDBError(
+                f"{path}: {component}.{printable(key)} is {str(tensor.dtype).removeprefix('torch.')}; adapter "
+                "weights are floating point (fp32, fp16 or bf16)"
+            )
+    for module, tensors in modules_of(part, spec.kind, f"{path}: {component}").items():
+        check_module(tensors, spec.kind, spec.rank, f"{path}: {component}.{printable(module)}")
+    _check_magnitudes(path, component, part)
+
+
+def _check_magnitudes(path: Path, component: str, part: Mapping[str, torch.Tensor]) -> None:
     bad = out_of_range(part)
     if bad is not None:
         raise LoraDBError(

@@ -33,6 +33,7 @@ def lora_spec(config: TrainConfig, target_modules: tuple[str, ...]) -> LoraSpec:
         config.lora_dropout,
         use_dora=config.use_dora,
         use_rslora=config.use_rslora,
+        kind=config.adapter_type,
     )
 
 
@@ -95,6 +96,7 @@ def load_init_adapter(config: TrainConfig, specs: Mapping[str, LoraSpec], traine
 def _check_same_spec(adapter: AdapterFile, component: str, spec: LoraSpec) -> None:
     found = adapter.specs[component]
     options = [
+        ("kind", "--adapter-type", found.kind, spec.kind),
         ("rank", "--rank", found.rank, spec.rank),
         ("alpha", "--alpha", found.alpha, spec.alpha),
         ("DoRA", "--use-dora" if found.use_dora else "--no-use-dora", found.use_dora, spec.use_dora),
@@ -102,7 +104,7 @@ def _check_same_spec(adapter: AdapterFile, component: str, spec: LoraSpec) -> No
     ]
     for what, flag, in_file, in_run in options:
         if in_file != in_run:
-            value = "" if isinstance(in_file, bool) else f" {in_file:g}"
+            value = "" if isinstance(in_file, bool) else f" {in_file}" if isinstance(in_file, str) else f" {in_file:g}"
             raise LoraDBError(
                 f"--init-adapter {adapter.path}: its {component} has {what} {in_file}, this run {in_run}; "
                 f"pass {flag}{value}"

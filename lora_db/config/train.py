@@ -33,6 +33,7 @@ UNET_FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 Method = Literal["lora", "full"]
+AdapterType = Literal["lora", "lokr", "loha"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion8bit", "schedulefree-adamw"]
 AttentionBackend = Literal["sdpa", "xformers"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -113,6 +114,12 @@ class TrainConfig:
         "Adapter",
     )
     rank: int = option(4, "LoRA rank r: adapter size grows linearly with it.", "Adapter", minimum=1)
+    adapter_type: AdapterType = option(
+        "lora",
+        "`lokr` (a Kronecker product of a small and a low-rank large factor) or `loha` (a Hadamard product of two "
+        "rank-r products), peft's LyCORIS adapters, instead of LoRA; --rank and --alpha mean the same.",
+        "Adapter",
+    )
     alpha: float | None = option(
         None, "LoRA alpha; the update is scaled by alpha / rank. Defaults to rank.", "Adapter", above=0, maximum=1e4
     )
@@ -349,8 +356,21 @@ class TrainConfig:
 
     def _check_extras(self, fail) -> None:
         """Adapter variants, loss options, trackers and the hub."""
+        if self.adapter_type != "lora":
+            lora_only = ["use_dora", "use_rslora", "loraplus_lr_ratio"]
+            used = [cli_flag(n) for n in lora_only if getattr(self, n) not in (None, False)]
+            used += ["--lora-dropout"] if self.lora_dropout > 0 else []
+            if used:
+                fail(f"{used[0]} is a LoRA option: drop it, or train with --adapter-type lora")
+            if self.quantize_base != "none":
+                fail(
+                    f"--quantize-base {self.quantize_base}: peft's LoKr and LoHa layers do not run on a quantized "
+                    "base; drop it, or train with --adapter-type lora (QLoRA)"
+                )
         if self.method == "full":
             lora_only = ["use_dora", "use_rslora", "loraplus_lr_ratio", "init_adapter"]
+            if self.adapter_type != "lora":
+                fail(f"--adapter-type {self.adapter_type} is an adapter: with --method full every U-ViT weight trains")
             used = [f"{cli_flag(n)}" for n in lora_only if getattr(self, n) not in (None, False)]
             if used:
                 fail(f"{used[0]} is a LoRA option: drop it, or train with --method lora")

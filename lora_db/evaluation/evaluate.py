@@ -96,14 +96,17 @@ def checkpoint_adapter(checkpoint: Path, run_config: dict):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    # With --use-ema the run's adapter is the average: score the checkpoint's average too.
+    name = "ema.safetensors" if (checkpoint / "ema.safetensors").is_file() else "trainable.safetensors"
     try:
-        trainable = load_file(str(checkpoint / "trainable.safetensors"))
+        trainable = load_file(str(checkpoint / name))
     except (OSError, SafetensorError) as err:
-        raise LoraDBError(f"{checkpoint}: unreadable trainable.safetensors ({err})") from None
+        raise LoraDBError(f"{checkpoint}: unreadable {name} ({err})") from None
     where = str(checkpoint.parent / "config.json")
-    flat = {key.replace(".default.", "."): tensor for key, tensor in trainable.items()}  # peft's adapter name
+    # peft's adapter name: `.default.weight` of LoRA, `.default` at the end of LoKr's and LoHa's tensors
+    flat = {key.replace(".default.", ".").removesuffix(".default"): tensor for key, tensor in trainable.items()}
     components = dict.fromkeys(key.partition(".")[0] for key in flat)
-    unet = parse_spec(run_config, where, TRAIN_CONFIG_KEYS)
+    unet = parse_spec(run_config, where, TRAIN_CONFIG_KEYS, kind=run_config.get("adapter_type") or "lora")
     specs = {"unet": unet, "text_encoder": replace(unet, target_modules=TEXT_ENCODER_TARGETS)}
     step = int(checkpoint.name.removeprefix("checkpoint-"))
     metadata = {
