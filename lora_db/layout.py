@@ -33,6 +33,11 @@ ADAPTER_FILE = "adapter.safetensors"
 RAW_ADAPTER_FILE = "adapter-raw.safetensors"  # --use-ema: the trained weights, beside their average in ADAPTER_FILE
 
 
+def is_run_folder(path: Path) -> bool:
+    """A `lora-db train` output folder: it holds its final adapter or a complete checkpoint."""
+    return path.is_dir() and ((path / ADAPTER_FILE).is_file() or bool(list_checkpoints(path)))
+
+
 METRICS_FILE = "metrics.jsonl"
 
 

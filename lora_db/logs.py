@@ -7,23 +7,53 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+
+QUIET_LIBRARIES = "LORA_DB_QUIET_LIBRARIES"  # set by quiet_library_logs, for this process and those it starts
 
 
 def quiet_library_logs() -> None:
-    """diffusers/transformers warn about UniDiffuser's deprecation and tiny-model details on every load.
+    """The libraries' own output off: diffusers' and transformers' per-load warnings and loading bars
+    ("Loading pipeline components...", "Loading weights", the hub's "Fetching N files") and deprecation warnings.
+    The CLI calls it unless --verbose or --debug; lora-db's own progress bars stay.
 
     Environment variables they read when imported, so that the CLI need not import them (seconds) to set this;
-    a library already imported gets its verbosity set directly.
+    a library already imported is quieted directly, and one imported later by `quiet_loaded_libraries`.
     """
+    os.environ[QUIET_LIBRARIES] = "1"
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's bars, and transformers' (it asks the hub)
     # bitsandbytes warns at import about an optional 4-bit CPU kernel that 8-bit Adam does not use.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if "diffusers" in sys.modules:
-        sys.modules["diffusers"].utils.logging.set_verbosity_error()
-    if "transformers" in sys.modules:
-        sys.modules["transformers"].utils.logging.set_verbosity_error()
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for handler in logging.getLogger().handlers:  # what reaches the root's handlers from other libraries' loggers
+        handler.addFilter(LORA_DB_OR_ERRORS)
+    quiet_loaded_libraries()
+
+
+class LoraDBOrErrors(logging.Filter):
+    """lora-db's own log lines, and only the errors of other libraries (bitsandbytes' kernel lookups, say)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.partition(".")[0] == "lora_db" or record.levelno >= logging.ERROR
+
+
+LORA_DB_OR_ERRORS = LoraDBOrErrors()  # one instance: adding it to a handler twice keeps one
+
+
+def quiet_loaded_libraries() -> None:
+    """After quiet_library_logs, quiet what has been imported since: diffusers reads no variable for its bars, so
+    model loading calls this once diffusers is in."""
+    if os.environ.get(QUIET_LIBRARIES) != "1":
+        return
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:
+            library_logging = sys.modules[name].utils.logging
+            library_logging.set_verbosity_error()
+            library_logging.disable_progress_bar()
 
 
 MAX_SHOWN = 200  # characters of a string from a file shown in a message (a prompt in metadata may be megabytes)

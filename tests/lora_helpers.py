@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,25 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, list[str]]:
         main()
     out, err = capsys.readouterr()
     return exit_info.value.code or 0, out, [line for line in err.splitlines() if line.strip()]
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """`--help` output as {flag: its whole entry}: the option's names (`-q, --quiet`, `--rank N`), two spaces, and
+    its help, wrapped lines joined."""
+    entries: dict[str, str] = {}
+    flags: list[str] = []
+    for line in text.splitlines():
+        if re.match(r"^  -", line):
+            names, _, rest = line.strip().partition("  ")
+            flags = [name.split()[0] for name in names.split(", ")]
+            for flag in flags:
+                entries[flag] = f"{names}  {rest.strip()}"
+        elif flags and line.startswith("    ") and line.strip():
+            for flag in flags:
+                entries[flag] += " " + line.strip()
+        else:
+            flags = []
+    return entries
 
 
 def assert_one_line_error(result: tuple[int, str, list[str]], *fragments: str) -> None:

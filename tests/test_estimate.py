@@ -9,9 +9,10 @@ import pytest
 import torch
 from processes import run
 
+from lora_db.config.evaluate import parse_memory
 from lora_db.config.train import TrainConfig
 from lora_db.models.memory import weight_dtype
-from lora_db.training.estimate import GiB, estimate_memory, parse_memory
+from lora_db.training.estimate import GiB, estimate_memory
 
 COMPONENTS = ("unet", "text_encoder", "text_decoder", "vae", "image_encoder")
 

@@ -151,6 +151,7 @@ def test_sample_writes_a_labelled_grid_and_tagged_pngs(files, tmp_path, monkeypa
     grid = Image.open(out / "grid.png")
     rows = json.loads(grid.text["rows"])
     assert rows == ["base", "a", "b:0.5", "a"]
+    assert grid.text["title"] == PROMPT and json.loads(grid.text["columns"]) == ["seed 0", "seed 1"]
     assert grid.height >= 4 * 128 and grid.width >= 2 * 128
     pngs = sorted(out.glob("0*.png"))
     assert len(pngs) == 8
@@ -181,11 +182,34 @@ def test_sample_combine_is_the_weighted_sum(files, swap, tmp_path, monkeypatch, 
     grid = Image.open(out / "grid.png")
     assert json.loads(grid.text["rows"]) == ["base", "a:0.7 + b:0.5"]
     assert json.loads(grid.text["columns"]) == [f"{PROMPT} (seed 0)", "a photo of a dog (seed 0)"]
+    assert grid.text["title"] == f"{PROMPT}; a photo of a dog"
     combined = Image.open(out / "01-a_0.7+b_0.5_p00_seed0.png")
     assert (combined.text["adapter"], combined.text["weight"]) == (f"{files['a']} + {files['b']}", "0.7 + 0.5")
     swap.activate({"a": 0.7, "b": 0.5})
     expected = generate_images(swap.pipe, PROMPT, 1, seed=0, num_inference_steps=2)[0]
     assert np.array_equal(np.asarray(combined), np.asarray(expected))
+
+
+def test_a_training_run_folder_is_its_final_adapter_for_sample_and_info(files, tmp_path, monkeypatch, capsys):
+    """`info RUN` and `sample --adapter RUN` take the folder `lora-db train` wrote, as eval does."""
+    run_folder = tmp_path / "robot"
+    run_folder.mkdir()
+    (run_folder / "adapter.safetensors").write_bytes(files["b"].read_bytes())
+    (run_folder / "config.json").write_text(json.dumps({"method": "lora", "model": "tiny"}))
+    code, stdout, _ = run_cli(monkeypatch, capsys, "info", run_folder)
+    assert code == 0, stdout
+    final = run_folder / "adapter.safetensors"
+    assert f"file          {final}" in stdout
+    assert f"run folder    adapters at steps 0 (eval scores each); this is {final}" in stdout
+    code, stdout, _ = run_cli(monkeypatch, capsys, "info", run_folder, "--json")
+    assert code == 0 and json.loads(stdout)["run"]["steps"] == [0]
+    out = tmp_path / "samples"
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "sample", "--adapter", run_folder, "--prompt", PROMPT, "--num-inference-steps", "1",
+        "--out", out,
+    )  # fmt: skip
+    assert code == 0 and "(1 row: robot)" in stdout
+    assert read_adapter(run_folder).path == final
 
 
 def test_sample_i2t_writes_captions(files, tmp_path, monkeypatch, capsys):

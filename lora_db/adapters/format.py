@@ -24,6 +24,7 @@ from lora_db.adapters.peft import read_peft_folder, write_peft_folders
 from lora_db.adapters.spec import FORMAT, AdapterFile, LoraSpec, checked_adapter, parse_spec
 from lora_db.errors import LoraDBError
 from lora_db.io import atomic_write
+from lora_db.layout import ADAPTER_FILE
 from lora_db.locks import output_lock
 from lora_db.logs import printable
 
@@ -58,10 +59,13 @@ def save_adapter(
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and check an adapter file: safetensors only, our metadata, shapes that agree with it."""
+    """Read and check an adapter file: safetensors only, our metadata, shapes that agree with it. A folder is a
+    training run (its adapter.safetensors) or a peft folder."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir() and (path / ADAPTER_FILE).is_file():  # a training run's folder: its final adapter
+        return read_adapter(path / ADAPTER_FILE)
     if path.is_dir():
         return read_peft_folder(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:

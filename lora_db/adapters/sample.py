@@ -228,10 +228,13 @@ def _caption_row(pipe, config: SampleConfig, row: Row, image, on_batch) -> list[
 
 
 def _write_grid(path: Path, grid_rows, rows: list[Row], prompts, config: SampleConfig, model: str) -> None:
-
-    columns = [f"{prompt} (seed {config.seed + i})" for prompt in prompts for i in range(config.num_images)]
-    grid = image_grid(grid_rows, [r.label for r in rows], columns, min_cell_size=GRID_MIN_CELL)
-    save_png(grid, path, {"model": model, "rows": json.dumps([r.label for r in rows]), "columns": json.dumps(columns)})
+    """A row per adapter, a column per prompt and seed, titled with the prompt (or the prompts, in column order)."""
+    seeds = [f"seed {config.seed + i}" for i in range(config.num_images)]
+    columns = seeds if len(prompts) == 1 else [f"{prompt} ({seed})" for prompt in prompts for seed in seeds]
+    title = "; ".join(prompts)
+    grid = image_grid(grid_rows, [r.label for r in rows], columns, min_cell_size=GRID_MIN_CELL, title=title)
+    labels = {"rows": json.dumps([r.label for r in rows]), "columns": json.dumps(columns)}
+    save_png(grid, path, {"model": model, "title": title, **labels})
 
 
 def _write_records(folder: Path, config: SampleConfig, model: str, prompts, rows: list[Row], result) -> None:

@@ -2,8 +2,9 @@
 
 - application.py: the typer application, `main()` (the console script), one-line errors, `--debug` / `--quiet`
 - options.py: the one option generator (config dataclass fields -> typer options) and `--config` files
+- help.py: `--help` laid out for 80 columns (main options first, the rest by `--help-all`), short usage errors
 - aliases.py: diffusers' and kohya's flag names accepted by `train` and `estimate`
-- train.py: `train`, `estimate`, `demo-images`; adapters.py: `sample`, `merge`, `info`, `export`;
+- train.py: `demo`, `train`, `estimate`, `demo-images`; adapters.py: `sample`, `merge`, `info`, `export`;
   evaluate.py: `eval`
 
 Nothing below this package imports typer. Each command imports the library inside its function, so that

@@ -19,22 +19,26 @@ import typer
 
 from lora_db.cli.options import build_config, with_config_options
 from lora_db.config.commands import ExportConfig, InfoConfig, MergeConfig, SampleConfig
+from lora_db.layout import ADAPTER_FILE, is_run_folder
 from lora_db.logs import MAX_SHOWN, printable
 
 app = typer.Typer()
 
 
-@app.command("sample", no_args_is_help=True)
+@app.command("sample")
 @with_config_options(SampleConfig)
 def sample_command(**values: Any) -> None:
     """Sample adapters side by side from one loaded base: a grid row per adapter, a column per prompt and seed.
 
-    Example: lora-db sample --adapter none --adapter robot/adapter.safetensors --adapter toy/adapter.safetensors:0.8
-    --prompt "a photo of sks robot" --num-images 2 --out samples
+    An adapter is a file, a training run's folder, or either with a weight (FILE:0.8). Example:
+
+        lora-db sample --adapter none --adapter robot --adapter toy:0.8 \\
+          --prompt "a photo of sks robot" --num-images 2 --out samples
     """
+    config = build_config(SampleConfig, values)
     from lora_db.adapters.sample import sample
 
-    _print_sample(sample(build_config(SampleConfig, values)))
+    _print_sample(sample(config))
 
 
 def _count(number: int, noun: str) -> str:
@@ -63,17 +67,20 @@ def _print_sample(result) -> None:
     )
 
 
-@app.command("merge", no_args_is_help=True)
+@app.command("merge")
 @with_config_options(MergeConfig)
 def merge_command(**values: Any) -> None:
     """Fold adapters into the base weights (a stock diffusers pipeline), or combine them into one adapter.
 
-    Examples: lora-db merge --adapter robot/adapter.safetensors --out robot-merged;
-    lora-db merge --adapter a.safetensors:0.6 --adapter b.safetensors:0.4 --into-adapter ab.safetensors [--rank 4]
+    Examples:
+
+        lora-db merge --adapter robot --out robot-merged
+        lora-db merge --adapter a.safetensors:0.6 --adapter b.safetensors:0.4 \\
+          --into-adapter ab.safetensors --rank 4
     """
+    config = build_config(MergeConfig, values)
     from lora_db.adapters.merge import merge, write_combined
 
-    config = build_config(MergeConfig, values)
     if config.into_adapter is not None:
         _print_combined(write_combined(config), config)
     else:
@@ -92,14 +99,27 @@ def _print_combined(result, config: MergeConfig) -> None:
         typer.echo(f"SVD to rank {config.rank}: relative error {result.relative_error:.3g} (Frobenius, all layers)")
 
 
-@app.command("info", no_args_is_help=True)
+@app.command("info")
 @with_config_options(InfoConfig)
 def info_command(**values: Any) -> None:
-    """Describe an adapter from its metadata: base model, components, rank, alpha, targets, size, training."""
+    """Describe an adapter from its metadata: base model, components, rank, alpha, targets, size, training.
+
+    A training run's folder is read as `lora-db eval` reads it: its final adapter (or, if it has none yet, its
+    latest checkpoint) is described, and its checkpoints are listed.
+    """
+    config = build_config(InfoConfig, values)
     from lora_db.adapters.format import describe_adapter, read_adapter
 
-    config = build_config(InfoConfig, values)
-    info = describe_adapter(read_adapter(config.file))
+    if is_run_folder(config.file):
+        from lora_db.evaluation.evaluate import expand_adapters
+
+        candidates = expand_adapters([str(config.file)])[1:]  # the base comes first
+        final = config.file / ADAPTER_FILE
+        read = str(final) if final.is_file() else candidates[-1].source  # the final adapter, else the last checkpoint
+        info = describe_adapter(read_adapter(final) if final.is_file() else candidates[-1].adapter)
+        info["run"] = {"folder": str(config.file), "steps": [c.step for c in candidates], "read": read}
+    else:
+        info = describe_adapter(read_adapter(config.file))
     typer.echo(json.dumps(_cut(info), indent=2) if config.as_json else "\n".join(info_lines(info)))
 
 
@@ -160,18 +180,25 @@ def info_lines(info: dict) -> list[str]:
         )
     version = f", lora-db {printable(v)}" if (v := info["lora_db_version"]) else ""
     lines.append(f"parameters    {info['parameters']:,}{version}")
+    if "run" in info:
+        steps = ", ".join(str(step) for step in info["run"]["steps"])
+        lines.append(
+            f"run folder    adapters at steps {steps} (eval scores each); this is {printable(info['run']['read'])}"
+        )
     return lines
 
 
-@app.command("export", no_args_is_help=True)
+@app.command("export")
 @with_config_options(ExportConfig)
 def export_command(**values: Any) -> None:
     """Export an adapter as peft folders that PeftModel.from_pretrained loads onto the U-ViT and the text encoder.
 
-    Example: lora-db export robot/adapter.safetensors --format peft robot-peft
+    Example:
+
+        lora-db export robot/adapter.safetensors --format peft robot-peft
     """
+    config = build_config(ExportConfig, values)
     from lora_db.adapters.format import export_peft
 
-    config = build_config(ExportConfig, values)
     for folder in export_peft(config.adapter, config.out, overwrite=config.overwrite):
         typer.echo(f"{config.format}: {folder}")

@@ -18,21 +18,25 @@ import threading
 from typing import Annotated
 
 import typer
+import typer.core
 
 from lora_db.cli.adapters import app as adapter_commands
 from lora_db.cli.evaluate import app as eval_commands
+from lora_db.cli.help import Command, Group
 from lora_db.cli.train import app as train_commands
 from lora_db.cli.ui import app as ui_commands
 from lora_db.errors import LoraDBError
 from lora_db.io import explain_os_error, os_error_of
-from lora_db.logs import ESCAPE_CONTROLS, printable_line, quiet_library_logs
+from lora_db.logs import ESCAPE_CONTROLS, QUIET_LIBRARIES, printable_line, quiet_library_logs
 
 app = typer.Typer(
     name="lora-db",
-    help="Memory-optimized LoRA DreamBooth for UniDiffuser (thu-ml/unidiffuser-v1).",
+    help="Memory-optimized LoRA DreamBooth for UniDiffuser (thu-ml/unidiffuser-v1). Start with `lora-db demo`.",
+    cls=Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help (cli/help.py) and click's plain usage errors
 )
 
 _DEBUG_ENV = "LORA_DB_DEBUG"
@@ -44,17 +48,31 @@ def _debug_enabled() -> bool:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors (implies --verbose).")
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show the libraries' own logs, loading bars and deprecation warnings."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     if debug:
         os.environ[_DEBUG_ENV] = "1"
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     logging.getLogger("lora_db").addFilter(ESCAPE_CONTROLS)
-    quiet_library_logs()
+    if verbose or _debug_enabled():
+        os.environ.pop(QUIET_LIBRARIES, None)  # a parent lora-db's choice does not outlast this one's
+    else:
+        quiet_library_logs()
 
 
 for commands in (train_commands, adapter_commands, eval_commands, ui_commands):
+    for command in commands.registered_commands:
+        if command.cls in (None, typer.core.TyperCommand):  # help laid out by cli/help.py
+            command.cls = Command
     app.registered_commands += commands.registered_commands
 
 

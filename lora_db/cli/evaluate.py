@@ -18,20 +18,23 @@ from lora_db.config.evaluate import EvalConfig
 app = typer.Typer()
 
 
-@app.command("eval", no_args_is_help=True)
+@app.command("eval")
 @with_config_options(EvalConfig)
 def eval_command(**values: Any) -> None:
     """Score adapters (and the base) against the subject's photos: CLIP-I, DINO (a judge), pixel, CLIP-T, prior
     drift, diversity, beside the photos, the ceiling (photos through the VAE) and --describe.
 
     A run folder as --adapter evaluates each checkpoint and its final adapter, plots subject fidelity against the
-    step and names the best checkpoint. Example: lora-db eval --model tiny-world --adapter heart-run
-    --instance-dir photos --prompt "a photo of sks toy" --prompt "a photo of a blue ring"
-    --class-prompt "a photo of a toy" --describe "a photo of a red toy with pink stripes" --out heart-eval
+    step and names the best checkpoint. Example (docs/eval.md):
+
+        lora-db eval --adapter heart --instance-dir photos \\
+          --prompt "a photo of sks toy" --prompt "a photo of a blue ring" \\
+          --class-prompt "a photo of a toy" \\
+          --describe "a photo of a red toy with pink stripes" --out heart-eval
     """
+    config = build_config(EvalConfig, values)
     from lora_db.evaluation.evaluate import evaluate, table_lines
 
-    config = build_config(EvalConfig, values)
     result = evaluate(config)
     if config.quantize_base != "none":
         typer.echo(f"every row sampled on the {config.quantize_base}-quantized base")

@@ -2,7 +2,8 @@
 
 Each field declared with `lora_db.config.fields.option` becomes one option (`rank` -> `--rank`; booleans get
 `--x/--no-x`; a list is repeatable; `flag=` renames it, `argument=True` makes it positional) with the field's help
-text, its default and its range shown the same way in every command, in the --help panel its group names.
+text, its default and its range shown the same way in every command, in the --help panel its group names, or
+under "Main options" when its config lists it in MAIN_OPTIONS (cli/help.py lays the panels out).
 An option's own default is None, so only what the user typed overrides the dataclass default (or, for `train`
 and `estimate`, a `--config` file). `train` and `estimate` also take diffusers' flag names as hidden options
 (lora_db/cli/aliases.py).
@@ -16,31 +17,48 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.markup import escape
 
 from lora_db.cli.aliases import REFUSED, RENAMED, REQUIRES, apply_aliases, check_required, underscore_aliases
+from lora_db.cli.help import HELP_ALL_OPTION, MAIN_PANEL
 from lora_db.config.fields import field_default, field_types, flag_name, from_sources, option_type, range_text
 from lora_db.config.train import TrainConfig
 
 ALIAS_PREFIX = "alias__"
 
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="TOML file of options (same names); the command line wins.")
+    Path | None,
+    typer.Option("--config", metavar="PATH", help="TOML file of options (same names); the command line wins."),
 ]
 
 
-def help_text(f: dataclasses.Field, base: type) -> str:
-    """The field's help, then `[default: X]` and `[range]`, escaped for typer's rich markup (brackets shown as text)."""
+def help_text(f: dataclasses.Field, base: type, choices: tuple[str, ...] | None = None) -> str:
+    """The field's help, then `[default: X]`, `[range]`, and the choices when the metavar is too long to hold them."""
     default = field_default(f)
     notes = []
+    if choices and len(_choices_metavar(choices)) > MAX_METAVAR:
+        notes.append("one of: " + ", ".join(choices))
     if isinstance(default, bool):
         notes.append("default: --" + ("" if default else "no-") + flag_name(f))
     elif default not in (None, []):
         notes.append(f"default: {','.join(default) if isinstance(default, list) else default}")
     if base in (int, float) and any(key in f.metadata for key in ("minimum", "maximum", "above", "below")):
         notes.append(range_text(f.metadata, base))
-    help_text = f.metadata.get("help", "")
-    return " ".join([help_text, *(escape(f"[{note}]") for note in notes)])
+    return " ".join([f.metadata.get("help", ""), *(f"[{note}]" for note in notes)])
+
+
+MAX_METAVAR = 30  # longer choice lists are named NAME in the option's column and listed in its help
+
+
+def _choices_metavar(choices: tuple[str, ...]) -> str:
+    return "[" + "|".join(choices) + "]"
+
+
+def _metavar(base: type, choices: tuple[str, ...] | None) -> str:
+    """What an option's value is, in --help: `[lora|full]`, `NAME` (one of many), `N` (an integer), `X` (a number),
+    `PATH` or `TEXT`."""
+    if choices:
+        return _choices_metavar(choices) if len(_choices_metavar(choices)) <= MAX_METAVAR else "NAME"
+    return {int: "N", float: "X", Path: "PATH"}.get(base, "TEXT")
 
 
 def _annotation(base: type, choices: tuple[str, ...] | None) -> Any:
@@ -53,20 +71,25 @@ def _annotation(base: type, choices: tuple[str, ...] | None) -> Any:
 
 
 def config_parameters(cls: type) -> list[inspect.Parameter]:
-    """One typer parameter per dataclass field."""
+    """One typer parameter per dataclass field; the fields the class names in MAIN_OPTIONS go in the first panel."""
     hints = field_types(cls)
+    main = getattr(cls, "MAIN_OPTIONS", ())
     params = []
     for f in dataclasses.fields(cls):
         base, choices, _ = option_type(hints[f.name])
         required = f.metadata.get("required", False)
         if f.metadata.get("argument"):
-            spec = typer.Argument(help=help_text(f, base), show_default=False)
+            spec = typer.Argument(help=help_text(f, base, choices), show_default=False, metavar=f.name.upper())
             annotation = _annotation(base, choices)
         else:
             flag = "--" + flag_name(f)
             names = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
             spec = typer.Option(
-                *names, help=help_text(f, base), rich_help_panel=f.metadata.get("group"), show_default=False
+                *names,
+                help=help_text(f, base, choices),
+                rich_help_panel=MAIN_PANEL if f.name in main else f.metadata.get("group"),
+                show_default=False,
+                metavar=None if base is bool else _metavar(base, choices),
             )
             annotation = _annotation(base, choices)
         hint = Annotated[annotation if required else annotation | None, spec]
@@ -116,6 +139,10 @@ def with_config_options(*classes: type):
         # Positional arguments first, in field order; then required options, then the rest (Python's order rule).
         generated.sort(key=lambda p: p.default is not inspect.Parameter.empty)
         aliases = alias_parameters(TrainConfig) if TrainConfig in classes else []
+        if any(getattr(cls, "MAIN_OPTIONS", ()) for cls in classes):  # --help shows those; --help-all every option
+            hint = Annotated[bool, HELP_ALL_OPTION]
+            keyword = inspect.Parameter.KEYWORD_ONLY
+            aliases.append(inspect.Parameter("help_all", keyword, default=False, annotation=hint))
         params = own + generated + aliases
         fn.__signature__ = inspect.Signature(params)
         fn.__annotations__ = {p.name: p.annotation for p in params}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lora_db.config.fields import MAX_SEED, MixedPrecision, Quantization, check_numbers, check_text, option
 from lora_db.errors import LoraDBError
@@ -46,6 +46,12 @@ class WeightedAdapter:
 
 @dataclass
 class SampleConfig:
+    # What `lora-db sample --help` shows first; `--help-all` shows the others too.
+    MAIN_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "out", "model", "adapters", "prompts", "num_images", "seed", "num_inference_steps", "guidance_scale",
+        "overwrite",
+    )  # fmt: skip
+
     out: Path = option(
         None, "Folder to write grid.png and one PNG per image (or captions.txt / .json) into.", required=True
     )
@@ -147,7 +153,9 @@ class MergeConfig:
 
 @dataclass
 class InfoConfig:
-    file: Path = option(None, "Adapter file (.safetensors) or exported peft folder.", argument=True, required=True)
+    file: Path = option(
+        None, "Adapter file (.safetensors), training run folder or exported peft folder.", argument=True, required=True
+    )
     as_json: bool = option(False, "Print the description as JSON.", flag="json")
 
     def __post_init__(self) -> None:
@@ -172,12 +180,43 @@ class ExportConfig:
         self.adapter, self.out = Path(self.adapter), Path(self.out)
 
 
+# tiny-world's held-out subjects (lora_db.synthetic.subjects.held_out_names(), which a test compares): shapes and
+# patterns its training never drew. Named here, without torch, so that the CLI checks a name before loading anything.
+HELD_OUT_SUBJECTS = (
+    "heart", "crescent", "arrow", "spiral", "bolt", "keyhole", "teardrop", "cloud", "l_block", "hourglass", "leaf",
+    "umbrella",
+)  # fmt: skip
+HeldOutSubject = Literal[HELD_OUT_SUBJECTS]
+
+
 @dataclass
 class DemoImagesConfig:
     folder: Path = option(None, "Folder to write the photos into.", argument=True, required=True)
     count: int = option(5, "How many photos.", minimum=1, maximum=10_000)
     size: int = option(256, "Side of each photo in pixels.", minimum=16, maximum=4096)
     seed: int = option(0, "Same seed, same photos.", minimum=0, maximum=MAX_SEED)
+    subject: HeldOutSubject | None = option(
+        None, "Photograph one of tiny-world's held-out subjects instead of the toy robot (docs/tiny-world.md)."
+    )
+
+    def __post_init__(self) -> None:
+        check_text(self)
+        check_numbers(self)
+        self.folder = Path(self.folder)
+
+
+@dataclass
+class DemoConfig:
+    folder: Path = option("demo", "Folder for the photos, the training run and before-after.png.", argument=True)
+    subject: HeldOutSubject = option(
+        "heart", "Which of tiny-world's held-out subjects (never seen in its training) it learns."
+    )
+    steps: int = option(400, "Training steps of the rank-4 LoRA (learning rate 1e-3).", minimum=1, maximum=100_000)
+    num_images: int = option(5, "Samples before and after training, at seeds seed, seed+1, ...", minimum=1, maximum=64)
+    seed: int = option(
+        0, "Seed of the photos, the training and the samples: same seed, same demo.", minimum=0, maximum=MAX_SEED
+    )
+    overwrite: bool = option(False, "Run again in a FOLDER that holds an earlier demo (its outputs are replaced).")
 
     def __post_init__(self) -> None:
         check_text(self)

@@ -6,9 +6,10 @@ lora_db.evaluation runs the first, lora_db.training.estimate the second.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lora_db.config.fields import MAX_SEED, Quantization, check_numbers, check_text, option
 from lora_db.errors import LoraDBError
@@ -16,6 +17,12 @@ from lora_db.errors import LoraDBError
 
 @dataclass
 class EvalConfig:
+    # What `lora-db eval --help` shows first; `--help-all` shows the others too.
+    MAIN_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "out", "instance_dir", "model", "adapters", "prompts", "class_prompt", "describe", "num_images", "seed",
+        "guidance_scale", "overwrite",
+    )  # fmt: skip
+
     out: Path = option(None, "Folder for eval.json, metrics.png, the grids and the samples.", required=True)
     instance_dir: Path = option(
         None, "Folder of real photos of the subject (the reference of CLIP-I and DINO).", required=True
@@ -87,9 +94,26 @@ class EvalConfig:
         check_numbers(self)
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int:
+    """'24GB', '24G', '24GiB' or '24' -> bytes (binary units: GPUs sold as "24 GB" hold 24 GiB)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a memory size; write e.g. 24GB, 11.5GiB or 16000MB")
+    number, unit = float(match.group(1)), (match.group(2) or "G").upper()
+    size = int(number * 1024 ** "KMGT".index(unit) * 1024)
+    if size <= 0:
+        raise ValueError(f"{text!r} holds nothing; give the GPU's memory, e.g. 24GB")
+    return size
+
+
 @dataclass
 class EstimateConfig:
     """`lora-db estimate`'s own options; the rest are `lora-db train`'s (TrainConfig)."""
+
+    MAIN_OPTIONS: ClassVar[tuple[str, ...]] = ("gpu_memory", "device")
 
     gpu_memory: str | None = option(
         None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lora_db.config.fields import (
     MAX_SEED,
@@ -50,6 +50,13 @@ DEFAULT_EMA_DECAY = 0.995  # SimpleTuner's default: an average over about the la
 
 @dataclass
 class TrainConfig:
+    # What `lora-db train --help` shows first; every other option is in its group's panel (`--help-all`).
+    MAIN_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "model", "instance_dir", "instance_prompt", "output_dir", "class_prompt", "class_dir", "rank",
+        "learning_rate", "max_train_steps", "mixed_precision", "gradient_checkpointing", "optimizer", "cache_latents",
+        "quantize_base", "validation_prompt", "checkpointing_steps", "resume_from_checkpoint", "overwrite",
+    )  # fmt: skip
+
     # -- model and data ---------------------------------------------------------------------------------------
     model: str = option(
         "thu-ml/unidiffuser-v1",
@@ -425,11 +432,14 @@ class TrainConfig:
     def with_prior_preservation(self) -> bool:
         return self.class_prompt is not None
 
+    def missing_run_inputs(self) -> list[str]:
+        """The flags a training run needs but a dry estimate does not, of those not given."""
+        return [cli_flag(name) for name in ("instance_dir", "instance_prompt", "output_dir") if not getattr(self, name)]
+
     def require_run_inputs(self) -> None:
-        """Checks the options a training run needs but a dry estimate does not."""
-        for name in ("instance_dir", "instance_prompt", "output_dir"):
-            if getattr(self, name) in (None, ""):
-                raise LoraDBError(f"{cli_flag(name)} is required for training")
+        missing = self.missing_run_inputs()
+        if missing:
+            raise LoraDBError(f"{missing[0]} is required for training")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

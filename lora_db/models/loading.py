@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_db.errors import LoraDBError
+from lora_db.logs import quiet_loaded_libraries
 from lora_db.models.random import PRESETS, build_random_pipeline, unet_config
 
 logger = logging.getLogger("lora_db")
@@ -171,6 +172,7 @@ def load_pipeline(model: str, torch_dtype=None):
     _check_local_folder(model)
     from diffusers import UniDiffuserPipeline
 
+    quiet_loaded_libraries()
     options = load_options(model)
     try:
         # Only safetensors weights are read: a folder with pickle weights alone is refused by diffusers.

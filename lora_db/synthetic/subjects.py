@@ -14,6 +14,7 @@ triangle, disc) overlap procedural.py, so they are flagged `probe=True` and can 
 
     SUBJECTS["heart"].describe_prompt  # "a photo of a red toy with pink stripes", in tiny-world's words
     subject_photos("heart")            # five 64 px PIL images
+    write_subject_photos("heart", "photos")  # the same, as photos/heart-00.png ... (`lora-db demo-images --subject`)
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from lora_db.images import to_tensor
+from lora_db.io import atomic_write
 from lora_db.synthetic.demo import draw_demo_toy
 
 SUPERSAMPLE = 4
@@ -480,6 +483,17 @@ def subject_photos(name: str, size: int = 64, count: int = PHOTOS, seed: int = 0
     rng = random.Random(seed * 7919 + index)
     toy = draw_subject(subject, 512)  # drawn once, then scaled to each photo's size
     return [_photo(subject, toy, size, rng) for _ in range(count)]
+
+
+def write_subject_photos(
+    name: str, folder: str | Path, count: int = PHOTOS, size: int = 64, seed: int = 0
+) -> list[Path]:
+    """`subject_photos` written to FOLDER/NAME-00.png, NAME-01.png, ... (`lora-db demo-images --subject NAME`)."""
+    paths = []
+    for number, photo in enumerate(subject_photos(name, size=size, count=count, seed=seed)):
+        path = Path(folder) / f"{name}-{number:02d}.png"
+        paths.append(atomic_write(path, lambda tmp, photo=photo: photo.save(tmp, format="PNG")))
+    return paths
 
 
 def subject_tensor(names: list[str] | None = None, size: int = 64) -> tuple[torch.Tensor, list[str]]:

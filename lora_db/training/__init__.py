@@ -9,6 +9,7 @@
 - divergence.py: weights and loss checked every step; a diverged run ends in an error naming the cause
 - tracking.py, model_card.py, hub.py: tensorboard/wandb, the run's README, `--push-to-hub`
 - estimate.py: `estimate_memory(config)`, two traced steps of this set-up on fake tensors
+- demo.py: `run_demo(config)`, `lora-db demo`: tiny-world learns a held-out subject, a grid before and after
 """
 
 from lora_db.training.estimate import estimate_memory

@@ -27,7 +27,6 @@ benchmarks/README.md compares the estimate with measurements.
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,24 +164,9 @@ def format_bytes(value: int) -> str:
     return f"{value / 2**10:.1f} KiB"
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-
-
 def local_gpu_bytes() -> int | None:
     """This machine's first GPU's memory, or None without one."""
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-
-
-def parse_memory(text: str) -> int:
-    """'24GB', '24G', '24GiB' or '24' -> bytes (binary units: GPUs sold as "24 GB" hold 24 GiB)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a memory size; write e.g. 24GB, 11.5GiB or 16000MB")
-    number, unit = float(match.group(1)), (match.group(2) or "G").upper()
-    size = int(number * 1024 ** "KMGT".index(unit) * 1024)
-    if size <= 0:
-        raise ValueError(f"{text!r} holds nothing; give the GPU's memory, e.g. 24GB")
-    return size
 
 
 # -- the model, on no memory at all ------------------------------------------------------------------------------
