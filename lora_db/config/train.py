@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from lora_db.config.dataset import Concept, check_concepts, read_dataset_config
 from lora_db.config.fields import (
     MAX_SEED,
     MixedPrecision,
@@ -39,7 +40,7 @@ AttentionBackend = Literal["sdpa", "xformers"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Tracker = Literal["tensorboard", "wandb", "none"]
 
-PATH_FIELDS = ("instance_dir", "output_dir", "class_dir")
+PATH_FIELDS = ("instance_dir", "output_dir", "class_dir", "dataset_config")
 
 DEFAULT_LEARNING_RATE = 1e-4
 # Each library's convention: Prodigy's lr multiplies the step size it estimates (1.0 as its authors use it); Lion's
@@ -67,6 +68,12 @@ class TrainConfig:
     instance_prompt: str | None = option(
         None,
         'Prompt naming the subject, e.g. "a photo of sks dog". NAME.txt beside an image overrides it.',
+        "Model and data",
+    )
+    dataset_config: Path | None = option(
+        None,
+        "TOML file of several concepts ([[concept]]: folder, instance_prompt or caption files, repeats, class_dir "
+        "and class_prompt, weight) instead of --instance-dir/--instance-prompt/--class-dir/--class-prompt.",
         "Model and data",
     )
     output_dir: Path | None = option(
@@ -363,6 +370,7 @@ class TrainConfig:
 
     def _check_extras(self, fail) -> None:
         """Adapter variants, loss options, trackers and the hub."""
+        self._check_concepts(fail)
         if self.adapter_type != "lora":
             lora_only = ["use_dora", "use_rslora", "loraplus_lr_ratio"]
             used = [cli_flag(n) for n in lora_only if getattr(self, n) not in (None, False)]
@@ -430,11 +438,31 @@ class TrainConfig:
 
     @property
     def with_prior_preservation(self) -> bool:
-        return self.class_prompt is not None
+        return any(concept.class_prompt is not None for concept in self.concepts())
+
+    def concepts(self) -> list[Concept]:
+        """What is trained on: the --dataset-config file's concepts, or the one the single-concept options give."""
+        if self.dataset_config is not None:
+            return read_dataset_config(self.dataset_config)
+        return [Concept(self.instance_dir, self.instance_prompt, 1, self.class_dir, self.class_prompt)]
+
+    @property
+    def run_input_fields(self) -> tuple[str, ...]:
+        """The options a training run needs but a dry estimate does not (a dataset config names the folders)."""
+        return ("output_dir",) if self.dataset_config is not None else ("instance_dir", "instance_prompt", "output_dir")
+
+    def _check_concepts(self, fail) -> None:
+        if self.dataset_config is None:
+            return
+        single = ["instance_dir", "instance_prompt", "class_dir", "class_prompt"]
+        given = [cli_flag(name) for name in single if getattr(self, name) is not None]
+        if given:
+            fail(f"--dataset-config names each concept's folder and prompts: drop {given[0]}, or the file")
+        check_concepts(self.concepts(), f"--dataset-config {self.dataset_config}")
 
     def missing_run_inputs(self) -> list[str]:
         """The flags a training run needs but a dry estimate does not, of those not given."""
-        return [cli_flag(name) for name in ("instance_dir", "instance_prompt", "output_dir") if not getattr(self, name)]
+        return [cli_flag(name) for name in self.run_input_fields if not getattr(self, name)]
 
     def require_run_inputs(self) -> None:
         missing = self.missing_run_inputs()

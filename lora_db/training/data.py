@@ -34,6 +34,7 @@ logger = logging.getLogger("lora_db")
 class ImageRecord:
     path: Path
     prompt: str
+    weight: float = 1.0  # its concept's share of the loss (--dataset-config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ class ImageRecord:
 
 def scan_images(
     folder: str | Path,
-    default_prompt: str,
+    default_prompt: str | None,
     *,
     option: str = "--instance-dir",
     resolution: int | None = None,
@@ -60,7 +61,7 @@ def scan_images(
     paths: list[Path] | None = None,
 ) -> list[ImageRecord]:
     """Decode every image in `folder` (or only `paths` of it) up front; each prompt is the caption beside it or
-    `default_prompt`."""
+    `default_prompt` (None: every image needs its caption)."""
     if paths is None:
         paths = find_images(folder, option, allow_empty=allow_empty)
     records = []
@@ -70,7 +71,13 @@ def scan_images(
             image = _check_resized(path, image, resolution, max_pixels, skip_bad_images)
         if image is not None:
             _warn_about_shape(path, image.size, resolution)
-            records.append(ImageRecord(path, _read_caption(path, default_prompt)))
+            prompt = _read_caption(path, default_prompt)
+            if prompt is None:
+                raise LoraDBError(
+                    f"{path} has no caption ({path.with_suffix('.txt').name}) and its concept no instance_prompt; "
+                    "write the caption, or give the concept an instance_prompt"
+                )
+            records.append(ImageRecord(path, prompt))
     if paths and not records:
         raise LoraDBError(f"{option} {folder}: none of its {len(paths)} images could be read; fix or replace them")
     return records
@@ -117,7 +124,7 @@ def _warn_about_shape(path: Path, size: tuple[int, int], resolution: int | None)
         )
 
 
-def _read_caption(image_path: Path, default_prompt: str) -> str:
+def _read_caption(image_path: Path, default_prompt: str | None) -> str | None:
     caption_path = image_path.with_suffix(".txt")
     if not caption_path.is_file():
         return default_prompt

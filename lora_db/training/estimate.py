@@ -499,14 +499,14 @@ def _components(pipe, optimizer, saved: dict[str, int], ema=None) -> dict[str, C
 def _example_sources(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device, scratch: Path) -> list:
     """`ExampleSource`s as `setup_run` builds them, on the given folders' images or else one blank image."""
 
-    folders = [(config.instance_dir, config.instance_prompt or "a photo of sks subject", None)]
-    if config.with_prior_preservation:
-        folders.append((config.class_dir, config.class_prompt, config.num_class_images))
-    sources = []
-    for number, (folder, prompt, limit) in enumerate(folders):
-        records = _records(folder, prompt, config.resolution, scratch / f"blank-{number}")[:limit]
-        sources.append(example_source(config, records, pipe, dtype, device))
-    return sources
+    instances, classes = [], []
+    for number, concept in enumerate(config.concepts()):
+        prompt = concept.instance_prompt or "a photo of sks subject"  # caption files still win
+        instances += _records(concept.folder, prompt, config.resolution, scratch / f"blank-{number}") * concept.repeats
+        if concept.class_prompt is not None:
+            found = _records(concept.class_dir, concept.class_prompt, config.resolution, scratch / f"class-{number}")
+            classes += found[: config.num_class_images]
+    return [example_source(config, records, pipe, dtype, device) for records in (instances, classes) if records]
 
 
 def _records(folder: Path | None, prompt: str, resolution: int, scratch: Path) -> list:

@@ -23,7 +23,15 @@ class ExampleSource:
         self.dataset, self.pipe, self.dtype, self.device = dataset, pipe, dtype, device
         self.cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         if cache:
-            self.cache = [self._encode_item(self.dataset[i]) for i in range(len(dataset))]
+            encoded = {}  # a file its concept repeats is encoded once
+            for i, record in enumerate(dataset.records):
+                if record.path not in encoded:
+                    encoded[record.path] = self._encode_item(dataset[i])
+            self.cache = [encoded[record.path] for record in dataset.records]
+
+    def weights(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """The loss weight of each example of a micro-batch (its concept's)."""
+        return torch.tensor([self.dataset.records[index].weight for _, index in pairs], device=self.device)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -72,7 +72,7 @@ def push_run(config: TrainConfig, steps: int) -> str:
             repo_id=url.repo_id,
             folder_path=folder,
             ignore_patterns=LOCAL_ONLY,
-            commit_message=f"lora-db: {steps} steps on {config.instance_prompt!r}",
+            commit_message=f"lora-db: {steps} steps on {config.concepts()[0].instance_prompt or 'captioned photos'!r}",
         )
     except (HfHubHTTPError, *_network_errors()) as err:
         later = f"the run in {folder} is complete; upload it later with `hf upload {repo} {folder}`"

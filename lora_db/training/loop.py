@@ -131,9 +131,10 @@ def remove_stale_temporaries(output_dir: Path) -> None:
 
 
 def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
-    """Loss of one micro-batch: instance MSE + prior_loss_weight x class MSE (class examples share the batch)."""
+    """Loss of one micro-batch: instance MSE + prior_loss_weight x class MSE (class examples share the batch), each
+    example's MSE times its concept's weight."""
     config, accelerator = run.config, run.accelerator
-    latents, clips, texts = [], [], []
+    latents, clips, texts, weights = [], [], [], []
     for source in run.sources:
         pairs = batch_indices(
             len(source),
@@ -147,6 +148,7 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
         latents.append(batch_latents)
         clips.append(batch_clips)
         texts.extend(batch_prompts)
+        weights.append(source.weights(pairs))
     with accelerator.autocast():
         per_example = dreambooth_loss(
             run.wrapped["unet"],
@@ -160,6 +162,7 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
             snr_gamma=config.snr_gamma,
         )
     n = config.train_batch_size
+    per_example = per_example * torch.cat(weights)
     loss = per_example[:n].mean()
     if len(run.sources) > 1:
         loss = loss + config.prior_loss_weight * per_example[n:].mean()
@@ -365,7 +368,7 @@ def _train(config: TrainConfig, accelerator, stop: StopRequest, start_from: Path
         remove_stale_temporaries(config.output_dir)
         if config.overwrite:
             _clear_previous_run(config.output_dir)
-        atomic_write_json(config.output_dir / "config.json", config.to_dict())
+        atomic_write_json(config.output_dir / "config.json", run_record(config, {})["config"])
         record = run_record(config, data_digest(config))
     if config.eval_steps and accelerator.is_main_process:
         run.evaluator = setup_training_eval(config, run.models, accelerator)  # before resume: the base's samples

@@ -31,7 +31,8 @@ def latest_validation_grid(output_dir: Path) -> Path | None:
 
 def model_card(config: TrainConfig, summary: dict[str, object], output: Path) -> str:
 
-    base, prompt = config.model, config.instance_prompt
+    concepts = config.concepts()
+    base, prompt = config.model, concepts[0].instance_prompt or "captioned photos"
     variant = " + ".join(n for n, on in (("DoRA", config.use_dora), ("rsLoRA", config.use_rslora)) if on) or "LoRA"
     tags = ["lora-db", "unidiffuser", "dreambooth", "text-to-image", "lora" if config.method == "lora" else "full"]
     tags += [t for t, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on]
@@ -58,6 +59,8 @@ def model_card(config: TrainConfig, summary: dict[str, object], output: Path) ->
         + f"; final loss {_number(summary.get('final_loss'))}, {summary['trainable_parameters']:,} trained parameters.",
         "",
     ]
+    if config.dataset_config is not None:
+        lines += _concepts_table(concepts)
     grid = latest_validation_grid(config.output_dir)
     if grid is not None:
         relative = grid.relative_to(config.output_dir).as_posix()
@@ -71,6 +74,19 @@ def model_card(config: TrainConfig, summary: dict[str, object], output: Path) ->
     return "\n".join(front + lines) + "\n"
 
 
+def _concepts_table(concepts) -> list[str]:
+    lines = [
+        "## Concepts",
+        "",
+        "| photos | instance prompt | repeats | weight | class prompt |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in concepts:
+        prompt = c.instance_prompt or "(caption files)"
+        lines.append(f"| `{c.folder.name}` | {prompt} | {c.repeats} | {c.weight:g} | {c.class_prompt or '-'} |")
+    return [*lines, ""]
+
+
 def _usage(config: TrainConfig, output: Path) -> list[str]:
     if config.method == "full":
         return [
@@ -80,7 +96,7 @@ def _usage(config: TrainConfig, output: Path) -> list[str]:
             f'`UniDiffuserModel.from_pretrained("{output.name}")` and put it into the base pipeline as `unet`.',
             "",
         ]
-    prompt = (config.validation_prompt or config.instance_prompt).replace('"', '\\"')
+    prompt = (config.validation_prompt or config.concepts()[0].instance_prompt or "a photo").replace('"', '\\"')
     return [
         "## Use it",
         "",

@@ -21,6 +21,7 @@ from lora_db.layout import ADAPTER_FILE, RAW_ADAPTER_FILE, list_checkpoints
 from lora_db.models.memory import eager_calls
 from lora_db.models.sampling import SAMPLE_PROBLEM, generate_images
 from lora_db.training.checkpoint import trainable_state
+from lora_db.training.concepts import concepts_record
 from lora_db.training.divergence import check_weights
 from lora_db.training.setup import Models, Run, encoders_to_device
 from lora_db.training.tracking import log_validation_images, tracked
@@ -30,10 +31,13 @@ logger = logging.getLogger("lora_db")
 
 
 def adapter_metadata(config: TrainConfig, step: int) -> dict[str, object]:
+    """What an adapter file records of its run; with several concepts, the first one's prompts and all of them."""
+    first, concepts = config.concepts()[0], concepts_record(config)
     return {
         "base_model": config.model,
-        "instance_prompt": config.instance_prompt,
-        "class_prompt": config.class_prompt or "",
+        "instance_prompt": first.instance_prompt or "",
+        "class_prompt": first.class_prompt or "",
+        **({"concepts": concepts} if concepts is not None else {}),
         "steps": str(step),
         "resolution": str(config.resolution),
         "quantize_base": config.quantize_base,

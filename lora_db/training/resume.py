@@ -29,6 +29,7 @@ from lora_db.images import find_images
 from lora_db.layout import ABANDONED_DIR, CHECKPOINT_PATTERN, list_checkpoints
 from lora_db.layout import CHECKPOINT_MARKER as MARKER
 from lora_db.training.class_images import plan_class_images
+from lora_db.training.concepts import concepts_record, option_of
 
 logger = logging.getLogger("lora_db")
 
@@ -61,6 +62,7 @@ RESUME_MAY_CHANGE = frozenset(
         "push_to_hub",
         "hub_private",
         "init_adapter",  # the checkpoint's weights replace the starting ones
+        "dataset_config",  # the file may move: its concepts (without their folders) and the data digest decide
     }
 )
 
@@ -86,11 +88,15 @@ def _file_digest(path: Path) -> str:
 
 
 def data_digest(config: TrainConfig) -> dict[str, dict[str, str]]:
-    """File name -> digest of the image and its caption, for the instance photos and the class images in use."""
-    parts = {"instance": find_images(config.instance_dir, "--instance-dir")}
-    if config.with_prior_preservation:
-        plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
-        parts["class"] = plan.paths()
+    """File name -> digest of the image and its caption, for the instance photos and the class images in use (per
+    concept: `instance` and `class` for the single-concept options, `concept N folder` / `class_dir` for a file's)."""
+    parts = {}
+    for number, concept in enumerate(config.concepts(), start=1):
+        names = ("instance", "class") if config.dataset_config is None else _concept_parts(number)
+        parts[names[0]] = find_images(concept.folder, option_of(config, number, "folder"))
+        if concept.class_prompt is not None:
+            plan = plan_class_images(concept.class_dir, concept.class_prompt, config.model, config.num_class_images)
+            parts[names[1]] = plan.paths()
     try:
         return {part: {p.name: _file_digest(p) for p in paths if p.is_file()} for part, paths in parts.items()}
     except OSError as err:
@@ -98,7 +104,9 @@ def data_digest(config: TrainConfig) -> dict[str, dict[str, str]]:
 
 
 def run_record(config: TrainConfig, data: dict[str, dict[str, str]]) -> dict[str, Any]:
-    return {"config": config.to_dict(), "data": data}
+    """The resolved options (with a dataset config's concepts) and the data digest."""
+    concepts = concepts_record(config)
+    return {"config": config.to_dict() | ({"concepts": concepts} if concepts is not None else {}), "data": data}
 
 
 def read_run_record(checkpoint: Path) -> dict[str, Any] | None:
@@ -129,6 +137,11 @@ def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     """`--flag NEW (the checkpoint has OLD)` for each option that differs and may not change on resume."""
     changes = []
     for name, value in current.items():
+        if name == "concepts":
+            value, saved_value = _without_folders(value), _without_folders(saved.get(name))
+            if name in saved and value != saved_value:
+                changes.append(f"--dataset-config's concepts {value} (the checkpoint has {saved_value})")
+            continue
         if name in RESUME_MAY_CHANGE or name in RESUME_MAY_LOWER or name not in saved or saved[name] == value:
             continue
         changes.append(f"--{name.replace('_', '-')} {_describe(value)} (the checkpoint has {_describe(saved[name])})")
@@ -158,10 +171,23 @@ def lower_learning_rates(optimizer, scheduler, trained: dict[str, Any], saved: d
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def _concept_parts(number: int) -> tuple[str, str]:
+    return f"concept {number} folder", f"concept {number} class_dir"
+
+
+def _without_folders(concepts: object) -> object:
+    """A run record's concepts as a resume compares them: their folders may move (the digest covers the files)."""
+    if not isinstance(concepts, list):
+        return concepts
+    return [{k: v for k, v in c.items() if k not in ("folder", "class_dir")} for c in concepts if isinstance(c, dict)]
+
+
 def data_changes(saved: dict[str, dict[str, str]], current: dict[str, dict[str, str]]) -> list[str]:
     """What differs in the photos or class images since the checkpoint: `--instance-dir: b.png changed, ...`."""
     changes = []
-    for part, option in (("instance", "--instance-dir"), ("class", "--class-dir")):
+    options = {"instance": "--instance-dir", "class": "--class-dir"}
+    for part in dict.fromkeys([*saved, *current]):
+        option = options.get(part, part)
         before, now = saved.get(part, {}), current.get(part, {})
         details = [f"{name} changed" for name in sorted(before.keys() & now.keys()) if before[name] != now[name]]
         details += [f"{name} added" for name in sorted(now.keys() - before.keys())]
@@ -187,7 +213,7 @@ def check_resume(config: TrainConfig, checkpoint: Path) -> dict[str, dict[str, s
             "%s holds no record of its options and data (an older lora-db wrote it): not checked", checkpoint
         )
         return data
-    problems = changed_options(record.get("config", {}), config.to_dict())
+    problems = changed_options(record.get("config", {}), run_record(config, {})["config"])
     if problems:
         raise LoraDBError(
             f"--resume-from-checkpoint {checkpoint}: {'; '.join(problems)}; a resumed run may change only the steps, "

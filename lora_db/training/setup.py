@@ -34,7 +34,6 @@ from lora_db.layout import (
     list_checkpoints,
     written_by_training,
 )
-from lora_db.locks import output_lock
 from lora_db.models.loading import check_resolution, load_pipeline, load_unet_config, native_resolution
 from lora_db.models.memory import (
     check_attention_backend,
@@ -49,9 +48,8 @@ from lora_db.models.memory import (
 )
 from lora_db.models.quantize import check_quantization, quantize_pipeline
 from lora_db.training.checkpoint import trainable_state
-from lora_db.training.class_images import describe as describe_class_images
-from lora_db.training.class_images import generate_class_images, plan_class_images
-from lora_db.training.data import ImageRecord, check_caption_lengths, scan_images
+from lora_db.training.concepts import class_records, instance_records
+from lora_db.training.data import check_caption_lengths, scan_images
 from lora_db.training.ema import EMA, setup_ema
 from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
 from lora_db.training.hub import check_hub_access
@@ -166,42 +164,6 @@ def setup_accelerator(config: TrainConfig):
     )
 
 
-def setup_class_images(config: TrainConfig, pipe, accelerator) -> list[ImageRecord]:
-    """The class examples: the folder's images made for this prompt and model (or the user's own photos), and
-    generated ones for what is missing (main process)."""
-    plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
-    if accelerator.is_main_process:
-        for line in describe_class_images(plan):
-            logger.info("%s", line)
-        if plan.missing:
-            from tqdm.auto import tqdm
-
-            # Runs sharing a class folder take turns: the manifest and the images are written by one at a time.
-            with output_lock(config.class_dir, "--class-dir", wait=True):
-                plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
-                with tqdm(total=plan.missing, desc="class images", unit="img", disable=not plan.missing) as bar:
-                    generate_class_images(
-                        pipe,
-                        plan,
-                        seed=config.seed,
-                        num_inference_steps=config.class_generation_steps,
-                        batch_size=config.class_generation_batch_size,
-                        autocast=accelerator.autocast,
-                        on_batch=bar.update,
-                    )
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:  # the main process generated them: read the folder as it is now
-        plan = plan_class_images(config.class_dir, config.class_prompt, config.model, config.num_class_images)
-    return scan_images(
-        config.class_dir,
-        config.class_prompt,
-        option="--class-dir",
-        resolution=config.resolution,
-        skip_bad_images=config.skip_bad_images,
-        paths=plan.paths(),
-    )
-
-
 def quantize_base(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.device) -> None:
     """--quantize-base: the U-ViT (and a trained text encoder) quantized layer by layer onto the device."""
     quantize_pipeline(pipe, config.quantize_base, dtype, device, text_encoder=config.train_text_encoder)
@@ -271,15 +233,16 @@ def samples_during_training(config: TrainConfig) -> bool:
 
 def setup_training_eval(config: TrainConfig, models: Models, accelerator):
     """The --eval-steps scorer, built on the untrained model (its class samples are the base model's), with the
-    model's judge when its folder ships one."""
-
-    photos = [load_image(path) for path in find_images(config.instance_dir, "--instance-dir")]
+    model's judge when its folder ships one. With several concepts it scores the first."""
+    concept = config.concepts()[0]
+    photos = [load_image(path) for path in find_images(concept.folder, "--instance-dir")]
+    prompt = concept.instance_prompt or scan_images(concept.folder, None)[0].prompt  # captions: the first one
     with sampling_mode(config, models, accelerator):
         return TrainingEval(
             models.pipe,
             photos,
-            config.instance_prompt,
-            config.class_prompt,
+            prompt,
+            concept.class_prompt,
             validation_prompt=config.validation_prompt,
             judge=load_model_judge(config.model, models.pipe),
             num_images=config.num_eval_images,
@@ -344,23 +307,17 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     from diffusers import DDPMScheduler
 
     device = accelerator.device
-    instance_records = scan_images(
-        config.instance_dir,
-        config.instance_prompt,
-        option="--instance-dir",
-        resolution=config.resolution,
-        skip_bad_images=config.skip_bad_images,
-    )
+    instances = instance_records(config)
     dtype = weight_dtype(config.mixed_precision)
     set_seed(config.seed)
     pipe = load_pipeline(config.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     quantize_base(config, pipe, dtype, device)  # before the rest moves: never the whole bf16 U-ViT on the device
     pipe.to(device)
-    class_records = setup_class_images(config, pipe, accelerator) if config.with_prior_preservation else []
+    classes = class_records(config, pipe, accelerator)
     check_caption_lengths(
         pipe.clip_tokenizer,
-        instance_records + class_records,
+        instances + classes,
         {"--validation-prompt": config.validation_prompt},
         strict=config.strict,
     )
@@ -368,15 +325,15 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     torch.manual_seed(config.seed)  # LoRA initialisation
     models = setup_models(config, pipe, dtype, device)
 
-    sources = [example_source(config, instance_records, pipe, dtype, device)]
-    if class_records:
-        sources.append(example_source(config, class_records, pipe, dtype, device))
+    sources = [example_source(config, instances, pipe, dtype, device)]
+    if classes:
+        sources.append(example_source(config, classes, pipe, dtype, device))
     optimizer, lr_scheduler = setup_optimizer(config, models)
     prepared = accelerator.prepare(*models.trained.values(), optimizer)
     wrapped, optimizer = dict(zip(models.trained, prepared[:-1], strict=True)), prepared[-1]
     prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder, text_encoder=wrapped.get("text_encoder"))
     if not config.train_text_encoder:
-        prompts.precompute({r.prompt for r in instance_records + class_records})
+        prompts.precompute({r.prompt for r in instances + classes})
     release_idle_modules(config, pipe)
     generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + accelerator.process_index)
     return Run(
