@@ -166,7 +166,7 @@ def test_the_page_trains_stops_resumes_and_samples_in_a_browser(page_server, bro
 
     for field, value in [
         ("model", "tiny"), ("instance_prompt", PROMPT), ("output_dir", "runs/robot"), ("max_train_steps", STEPS),
-        ("learning_rate", 5e-3), ("validation_prompt", PROMPT), ("validation_steps", 5), ("checkpointing_steps", 0),
+        ("learning_rate", 5e-3), ("validation_prompt", PROMPT), ("validation_steps", 10), ("checkpointing_steps", 0),
     ]:  # fmt: skip
         fill(page, field, value)
     page.get_by_text("Advanced: every other option").click()
@@ -185,13 +185,13 @@ def test_the_page_trains_stops_resumes_and_samples_in_a_browser(page_server, bro
 
     # Stop: SIGTERM, the step finishes and a checkpoint is saved; then Resume runs on to the end.
     press(page, "#stop", "#train-message", "stopping: the step in progress finishes and a checkpoint is saved")
-    stopped = wait_for_text(page, "#train-status .status", lambda text: text.startswith("stopped"))
+    stopped = wait_for_text(page, "#train-status .status", lambda text: "stopped by" in text)
     stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", stopped).group(1))
     assert 0 < stopped_at < STEPS, stopped
     assert (out / f"checkpoint-{stopped_at}" / "state.json").is_file()
     assert not (out / "adapter.safetensors").exists()
     assert press(page, "#resume", "#train-message", "resumed: ").endswith("--resume-from-checkpoint latest")
-    wait_for_text(page, "#train-status .status", lambda text: text == "finished", 300)
+    wait_for_text(page, "#train-status .status", lambda text: text == "runs/robot: finished", 300)
     assert f"step {STEPS} of {STEPS}" in text_of(page, "#train-progress")
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))

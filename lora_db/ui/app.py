@@ -92,7 +92,8 @@ def _stamps(paths) -> list:
 def build(page: Page) -> gr.Blocks:
     fields = forms.train_fields()
     by_name = {field.name: field for field in fields}
-    with gr.Blocks(title="lora-db", analytics_enabled=False) as demo:
+    # Uploads are copied into the workspace: gradio's own copies are deleted after a day.
+    with gr.Blocks(title="lora-db", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         seen = gr.State({})
         gr.Markdown(f"# lora-db: LoRA DreamBooth for UniDiffuser\nWorkspace: `{page.workspace.root}`")
         with gr.Tabs():
@@ -109,7 +110,9 @@ def build(page: Page) -> gr.Blocks:
                 )
                 load_photos = gr.Button("Show the folder's photos", elem_id="load-photos")
                 photos_message = gr.HTML(elem_id="photos-message")
-                photo_grid = gr.Gallery(label="Photos", columns=6, height=260, elem_id="photo-grid")
+                photo_grid = gr.Gallery(
+                    label="Photos", columns=6, height=260, object_fit="contain", elem_id="photo-grid"
+                )
                 caption_table = gr.Dataframe(
                     headers=["photo", "caption"],
                     column_count=2,
@@ -160,7 +163,13 @@ def build(page: Page) -> gr.Blocks:
                 train_progress = gr.HTML(elem_id="train-progress")
                 with gr.Row():
                     loss_plot = gr.LinePlot(x="step", y="loss", title="loss", height=260, elem_id="loss-plot")
-                    validation = gr.Gallery(label="Validation images", columns=2, height=260, elem_id="validation")
+                    validation = gr.Gallery(
+                        label="Validation images (newest first)",
+                        columns=2,
+                        height=260,
+                        object_fit="contain",
+                        elem_id="validation",
+                    )
                 with gr.Accordion("The command and its output", open=False):
                     train_command = gr.Code(label="command", language="shell", elem_id="train-command")
                     train_log = gr.Textbox(label="output", lines=12, max_lines=12, elem_id="train-log")
@@ -175,7 +184,9 @@ def build(page: Page) -> gr.Blocks:
                 eval_status = gr.HTML(elem_id="eval-status")
                 with gr.Row():
                     eval_table = gr.Dataframe(label="Scores (best: the checkpoint eval picks)", elem_id="eval-table")
-                    eval_plot = gr.Image(label="Subject fidelity by step", type="filepath", elem_id="eval-plot")
+                    eval_plot = gr.Image(
+                        label="Subject fidelity by step", type="filepath", height=420, elem_id="eval-plot"
+                    )
                 eval_log = gr.Textbox(label="output", lines=8, max_lines=8, elem_id="eval-log")
 
             with gr.Tab("4. Sample", id="sample"):
@@ -201,7 +212,7 @@ def build(page: Page) -> gr.Blocks:
                     refresh_adapters = gr.Button("Find adapters", elem_id="find-adapters")
                     sample_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 sample_message = gr.HTML(elem_id="sample-message")
-                samples = gr.Gallery(label="Samples", columns=4, height=300, elem_id="samples")
+                samples = gr.Gallery(label="Samples", columns=4, height=300, object_fit="contain", elem_id="samples")
 
             with gr.Tab("5. Merge & export", id="outputs"):
                 with gr.Row():
@@ -250,9 +261,14 @@ def build(page: Page) -> gr.Blocks:
         start_button.click(on_start, [photos_folder, *values], train_message)
         stop_button.click(lambda: status_html(page.stop()), None, train_message)
         resume_button.click(lambda: status_html(page.resume()), None, train_message)
-        memory_inputs = [inputs[name] for name in forms.MEMORY_FIELDS] + [gpu_memory]
-        for component in memory_inputs:
-            component.change(on_estimate, [photos_folder, gpu_memory, *values], estimate, trigger_mode="always_last")
+        # One listener for every memory option the user edits: a burst of edits is one estimate, of the last values.
+        gr.on(
+            [inputs[name].input for name in forms.MEMORY_FIELDS] + [gpu_memory.input],
+            on_estimate,
+            [photos_folder, gpu_memory, *values],
+            estimate,
+            trigger_mode="always_last",
+        )
 
         def refresh(seen_now: dict, folder: str):
             changed = Changed(seen_now)

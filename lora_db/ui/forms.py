@@ -58,8 +58,9 @@ MEMORY_FIELDS = (
     "quantize_base",
     "method",
 )
-NOT_IN_PAGE = ("resume_from_checkpoint",)  # the Resume button adds it
-PATH_FIELDS = ("instance_dir", "output_dir", "class_dir", "init_adapter")
+# Resume adds the first; the second is a file that names folders of its own, which the page could not keep inside
+# the workspace (the Photos tab is the page's one concept).
+NOT_IN_PAGE = ("resume_from_checkpoint", "dataset_config")
 LABELS = {
     "instance_dir": "Photos folder",
     "output_dir": "Output folder",
@@ -67,7 +68,7 @@ LABELS = {
     "init_adapter": "Initial adapter",
 }
 
-# What the page starts with: a first run on tiny-world, the model that ships with lora-db (400 steps, ~20 s on a CPU).
+# What the page starts with: a first run on tiny-world, the pretrained model that ships with lora-db.
 STARTING_VALUES = {
     "model": "tiny-world",
     "instance_dir": "photos",
@@ -106,10 +107,8 @@ def train_fields() -> list[PageField]:
         if f.name in NOT_IN_PAGE:
             continue
         base, choices, _ = option_type(hints[f.name])
-        kind = (
-            "path"
-            if f.name in PATH_FIELDS
-            else {bool: "bool", int: "int", float: "float", list: "list"}.get(base, "choice" if choices else "text")
+        kind = {bool: "bool", int: "int", float: "float", list: "list", Path: "path"}.get(
+            base, "choice" if choices else "text"
         )
         label = LABELS.get(f.name, f.name.replace("_", " ").capitalize())
         default = field_default(f)

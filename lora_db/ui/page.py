@@ -188,7 +188,7 @@ class Page:
         config = job.values.get("config", {})
         run = progress.run_progress(job.output)
         view = TrainView(
-            status=job.summary(),
+            status=f"{self.workspace.show(job.output)}: {job.summary()}",
             command=job.command_line,
             output=job.output,
             step=run.step,
@@ -200,7 +200,7 @@ class Page:
             log=job.lines(LOG_LINES),
         )
         if job.state() == "running" and not run.steps:
-            view.status = "starting: loading the model and the photos"
+            view.status = f"{self.workspace.show(job.output)}: starting (loading the model and the photos)"
         return view
 
     def restore(self) -> dict[str, Any] | None:
@@ -209,11 +209,10 @@ class Page:
         if job is None or "config" not in job.values:
             return None
         values = dict(job.values["config"])
-        for name in forms.PATH_FIELDS:
-            if values.get(name):
+        paths = [field.name for field in forms.train_fields() if field.kind == "path"]
+        for name in [*paths, "model"]:
+            if isinstance(values.get(name), str) and Path(values[name]).is_absolute():
                 values[name] = self.workspace.show(values[name])
-        if values.get("model") and Path(values["model"]).is_absolute():
-            values["model"] = self.workspace.show(values["model"])
         return values
 
     def _run_config(self) -> tuple[Job, TrainConfig]:
@@ -238,7 +237,8 @@ class Page:
         job = self.jobs.shown("eval")
         if job is None:
             return JobView("no evaluation yet: Score checkpoints scores each checkpoint of the run"), None
-        view = JobView(job.summary(), job.command_line, job.output, job.lines(LOG_LINES))
+        status = f"{self.workspace.show(job.output)}: {job.summary()}"
+        view = JobView(status, job.command_line, job.output, job.lines(LOG_LINES))
         return view, progress.eval_table(job.output) if job.state() == "finished" else None
 
     def _adapter(self) -> tuple[Path, TrainConfig]:
@@ -268,7 +268,8 @@ class Page:
         job = max(jobs, key=lambda j: j.record["started"], default=None)
         view = JobView("nothing merged or exported yet")
         if job is not None:
-            view = JobView(f"{job.kind}: {job.summary()}", job.command_line, job.output, job.lines(LOG_LINES))
+            where = f"{job.kind} into {self.workspace.show(job.output)}"
+            view = JobView(f"{where}: {job.summary()}", job.command_line, job.output, job.lines(LOG_LINES))
         run = self.train_job()
         return view, progress.model_card(run.output) if run is not None else None
 
