@@ -22,6 +22,7 @@ import torch
 from lora_db.adapters.layers import update_shapes
 from lora_db.adapters.peft import read_peft_folder, write_peft_folders
 from lora_db.adapters.spec import FORMAT, AdapterFile, LoraSpec, checked_adapter, parse_spec
+from lora_db.adapters.tokens import TOKENS_PREFIX
 from lora_db.errors import LoraDBError
 from lora_db.io import atomic_write
 from lora_db.layout import ADAPTER_FILE
@@ -38,9 +39,11 @@ def save_adapter(
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
     specs: Mapping[str, LoraSpec],
     metadata: Mapping[str, object] | None = None,
+    tokens: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write one self-contained adapter file atomically (fp32 tensors, component-prefixed keys), checked as every
-    reader checks it: lora-db never writes an adapter it would refuse to read (a diverged one, say)."""
+    """Write one self-contained adapter file atomically (fp32 tensors, component-prefixed keys; pivotal tuning's
+    token embeddings as `tokens.TOKEN`), checked as every reader checks it: lora-db never writes an adapter it would
+    refuse to read (a diverged one, say)."""
     from safetensors.torch import save_file
 
     flat = {
@@ -48,6 +51,7 @@ def save_adapter(
         for component, part in tensors.items()
         for key, tensor in part.items()
     }
+    flat |= {TOKENS_PREFIX + t: v.detach().to("cpu", torch.float32).contiguous() for t, v in (tokens or {}).items()}
     checked_adapter(Path(path), flat, specs, {})
     meta = {"format": FORMAT}
     meta["lora_db.components"] = json.dumps(
@@ -120,6 +124,7 @@ def describe_adapter(adapter: AdapterFile) -> dict[str, object]:
         "quantize_base": meta.get("quantize_base", ""),  # the frozen base's storage in training (QLoRA: nf4)
         "components": components,
         "parameters": adapter.num_parameters(),
+        "tokens": sorted(adapter.tokens),  # pivotal tuning: the tokens whose embeddings it holds
     }
     for key in ("combined_from", "combination"):
         if key in meta:

@@ -21,6 +21,7 @@ from torch import nn
 from lora_db.adapters.format import read_adapter
 from lora_db.adapters.layers import check_fits, check_summable, inject_lora, load_lora_state_dict, pipeline_component
 from lora_db.adapters.spec import COMPONENTS, AdapterFile
+from lora_db.adapters.tokens import add_tokens_to_pipeline
 from lora_db.config.commands import WeightedAdapter
 from lora_db.errors import LoraDBError
 from lora_db.layout import ADAPTER_FILE
@@ -76,6 +77,7 @@ class AdapterSet:
         modules = {component: pipeline_component(self.pipe, adapter, component) for component in adapter.specs}
         for component, module in modules.items():
             check_fits(module, adapter, component)
+        add_tokens_to_pipeline(self.pipe, adapter.tokens, adapter.path)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters, on purpose
             for component, module in modules.items():

@@ -41,6 +41,7 @@ from lora_db.adapters.layers import (
     pipeline_component,
 )
 from lora_db.adapters.spec import COMPONENTS, AdapterFile, LoraSpec
+from lora_db.adapters.tokens import add_tokens_to_pipeline
 from lora_db.config.commands import MergeConfig
 from lora_db.config.fields import MixedPrecision
 from lora_db.errors import LoraDBError
@@ -223,6 +224,8 @@ def _merge(
                     adapter.path, adapter.trained_quantization,
                 )  # fmt: skip
     layers = fold_adapters(pipe, adapters)
+    for adapter, _ in adapters:  # pivotal tuning's tokens: in the tokenizer and embedding table a stock load reads
+        add_tokens_to_pipeline(pipe, adapter.tokens, adapter.path)
     dtype = SAVE_DTYPES[config.save_dtype]
     pipe.to(dtype)
     _check_finite(pipe, dtype)
@@ -352,6 +355,20 @@ def best_low_rank(
     return new_b.float(), new_a.float(), float(squared[keep:].sum()), float(squared.sum())
 
 
+def combined_tokens(adapters: Weighted) -> dict[str, torch.Tensor]:
+    """Every adapter's token embeddings (a token two adapters learned differently is refused)."""
+    tokens: dict[str, torch.Tensor] = {}
+    for adapter, _ in adapters:
+        for token, vector in adapter.tokens.items():
+            if token in tokens and not torch.equal(tokens[token], vector):
+                raise LoraDBError(
+                    f"--into-adapter: {adapter.path} and another adapter both learned the token {printable(token)!r}, "
+                    "differently; one file holds one embedding per token"
+                )
+            tokens[token] = vector
+    return tokens
+
+
 def write_combined(config: MergeConfig) -> MergeResult:
     """`lora-db merge --into-adapter`: the adapters' weighted sum as one adapter file (no model loaded)."""
     path = config.into_adapter
@@ -386,7 +403,7 @@ def _write_combined(config: MergeConfig, path: Path) -> MergeResult:
             "worst_layer_relative_error": combined.worst_layer[1],
         },
     }
-    save_adapter(path, combined.tensors, combined.specs, metadata)
+    save_adapter(path, combined.tensors, combined.specs, metadata, combined_tokens(adapters))
     return MergeResult(
         path,
         sum(len(part) // 2 for part in combined.tensors.values()),

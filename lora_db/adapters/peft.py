@@ -32,6 +32,7 @@ from lora_db.adapters.spec import (
     parse_spec,
     read_bool,
 )
+from lora_db.adapters.tokens import TOKENS_FILE, TOKENS_PREFIX
 from lora_db.errors import LoraDBError
 from lora_db.io import WRITTEN_RECORD, atomic_directory, check_output_folder
 from lora_db.logs import printable
@@ -59,6 +60,8 @@ def write_peft_folders(adapter: AdapterFile, out: str | Path, overwrite: bool = 
             tensors = {PEFT_PREFIX + key: t.contiguous() for key, t in adapter.tensors[component].items()}
             header = {"format": "pt", "lora_db.component": component, METADATA_KEY: json.dumps(metadata)}
             save_file(tensors, str(folder / WEIGHTS_FILE), metadata=header)
+        if adapter.tokens:  # pivotal tuning: {token: vector}, diffusers' textual-inversion layout
+            save_file({t: v.contiguous() for t, v in adapter.tokens.items()}, str(tmp / TOKENS_FILE))
     return [out / component for component in adapter.specs]
 
 
@@ -84,7 +87,19 @@ def read_peft_folder(path: Path) -> AdapterFile:
         flat.update({f"{component}.{key}": t for key, t in tensors.items()})
         metadata.update(_lora_db_metadata(folder / WEIGHTS_FILE, header))
     metadata["format"] = "peft folder"
+    if (path / TOKENS_FILE).is_file():
+        flat.update({TOKENS_PREFIX + t: v for t, v in _read_safetensors(path / TOKENS_FILE).items()})
     return checked_adapter(path, flat, specs, metadata)
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoraDBError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
 
 
 def _lora_db_metadata(path: Path, header: dict[str, str]) -> dict[str, str]:

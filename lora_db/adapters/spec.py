@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lora_db.adapters.kinds import ADAPTER_KINDS, KIND_NAMES, check_module, modules_of
+from lora_db.adapters.tokens import TOKENS_PREFIX, check_tokens
 from lora_db.errors import LoraDBError
 from lora_db.logs import printable
 
@@ -77,9 +78,11 @@ class AdapterFile:
     tensors: dict[str, dict[str, torch.Tensor]]
     specs: dict[str, LoraSpec]
     metadata: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # pivotal tuning: token -> its CLIP input embedding
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for part in self.tensors.values() for t in part.values())
+        adapters = sum(t.numel() for part in self.tensors.values() for t in part.values())
+        return adapters + sum(t.numel() for t in self.tokens.values())
 
     @property
     def trained_quantization(self) -> str:
@@ -196,14 +199,18 @@ def checked_adapter(
                 f"(only {', '.join(COMPONENTS)})"
             )
     tensors: dict[str, dict[str, torch.Tensor]] = {c: {} for c in specs}
+    tokens = {key.removeprefix(TOKENS_PREFIX): t for key, t in flat.items() if key.startswith(TOKENS_PREFIX)}
+    check_tokens(path, tokens)
     for key, tensor in flat.items():
+        if key.startswith(TOKENS_PREFIX):
+            continue
         component, _, rest = key.partition(".")
         if component not in specs:
             raise LoraDBError(f"{path}: tensor {printable(key)} belongs to no component named in the metadata")
         tensors[component][rest] = tensor
     for component, part in tensors.items():
         _check_component(path, component, part, specs[component])
-    return AdapterFile(path=path, tensors=tensors, specs=dict(specs), metadata=dict(metadata))
+    return AdapterFile(path=path, tensors=tensors, specs=dict(specs), metadata=dict(metadata), tokens=tokens)
 
 
 def _check_component(path: Path, component: str, part: Mapping[str, torch.Tensor], spec: LoraSpec) -> None:

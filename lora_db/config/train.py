@@ -173,6 +173,15 @@ class TrainConfig:
         "Start from this adapter file's weights (rank, alpha, targets and variant must match the options).",
         "Adapter",
     )
+    train_token: str | None = option(
+        None,
+        "Pivotal tuning: make this identifier (e.g. sks) a new CLIP token whose input embedding trains with the "
+        "LoRA and is saved in the adapter; needs --init-token.",
+        "Adapter",
+    )
+    init_token: str | None = option(
+        None, "The word whose embedding --train-token starts from, e.g. toy (the subject's class).", "Adapter"
+    )
     # -- optimisation ---------------------------------------------------------------------------------------------
     learning_rate: float | None = option(
         None,
@@ -383,7 +392,7 @@ class TrainConfig:
                     "base; drop it, or train with --adapter-type lora (QLoRA)"
                 )
         if self.method == "full":
-            lora_only = ["use_dora", "use_rslora", "loraplus_lr_ratio", "init_adapter"]
+            lora_only = ["use_dora", "use_rslora", "loraplus_lr_ratio", "init_adapter", "train_token"]
             if self.adapter_type != "lora":
                 fail(f"--adapter-type {self.adapter_type} is an adapter: with --method full every U-ViT weight trains")
             used = [f"{cli_flag(n)}" for n in lora_only if getattr(self, n) not in (None, False)]
@@ -393,8 +402,17 @@ class TrainConfig:
             if not self.init_adapter.strip():
                 fail("--init-adapter is empty; give an adapter file (.safetensors) or exported peft folder")
             self.init_adapter = Path(self.init_adapter)
-        if self.text_encoder_learning_rate is not None and not self.train_text_encoder:
+        if self.text_encoder_learning_rate is not None and not self.trains_text_encoder:
             fail("--text-encoder-learning-rate sets the text-encoder LoRA's rate: add --train-text-encoder, or drop it")
+        if (self.train_token is None) != (self.init_token is None):
+            given, missing = (
+                ("--train-token", "--init-token") if self.init_token is None else ("--init-token", "--train-token")
+            )
+            fail(f"{given} needs {missing} too (pivotal tuning starts the new token from a known word), or drop it")
+        for name in ("train_token", "init_token"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or any(ch.isspace() for ch in value)):
+                fail(f"{cli_flag(name)} {value!r} must be one word")
         self._check_optimizer(fail)
         if self.hub_private and not self.push_to_hub:
             fail("--hub-private goes with --push-to-hub REPO (the repository to create)")
@@ -439,6 +457,11 @@ class TrainConfig:
     @property
     def with_prior_preservation(self) -> bool:
         return any(concept.class_prompt is not None for concept in self.concepts())
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether anything of the text encoder trains (its LoRA, or pivotal tuning's token embedding)."""
+        return self.train_text_encoder or self.train_token is not None
 
     def concepts(self) -> list[Concept]:
         """What is trained on: the --dataset-config file's concepts, or the one the single-concept options give."""

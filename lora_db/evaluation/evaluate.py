@@ -41,6 +41,7 @@ from PIL import Image
 from lora_db.adapters.format import read_adapter
 from lora_db.adapters.hotswap import AdapterSet, default_device, quantize_for, resolve_model
 from lora_db.adapters.spec import AdapterFile, checked_adapter, parse_spec
+from lora_db.adapters.tokens import TOKENS_PREFIX, TRAINED_TOKEN_SUFFIX
 from lora_db.config.evaluate import EvalConfig
 from lora_db.config.train import TEXT_ENCODER_TARGETS
 from lora_db.errors import LoraDBError
@@ -105,7 +106,9 @@ def checkpoint_adapter(checkpoint: Path, run_config: dict):
     where = str(checkpoint.parent / "config.json")
     # peft's adapter name: `.default.weight` of LoRA, `.default` at the end of LoKr's and LoHa's tensors
     flat = {key.replace(".default.", ".").removesuffix(".default"): tensor for key, tensor in trainable.items()}
-    components = dict.fromkeys(key.partition(".")[0] for key in flat)
+    for key in [k for k in flat if k.endswith(TRAINED_TOKEN_SUFFIX)]:  # pivotal tuning's token row
+        flat[TOKENS_PREFIX + str(run_config.get("train_token"))] = flat.pop(key)[0]
+    components = dict.fromkeys(key.partition(".")[0] for key in flat if not key.startswith(TOKENS_PREFIX))
     unet = parse_spec(run_config, where, TRAIN_CONFIG_KEYS, kind=run_config.get("adapter_type") or "lora")
     specs = {"unet": unet, "text_encoder": replace(unet, target_modules=TEXT_ENCODER_TARGETS)}
     step = int(checkpoint.name.removeprefix("checkpoint-"))

@@ -375,8 +375,8 @@ def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scra
         _materialize(pipe, traced)
         models = setup_models(config, pipe, dtype, traced)
         sources = _example_sources(config, pipe, dtype, traced, scratch)
-        prompts = PromptEncoder(pipe, traced, trainable=config.train_text_encoder)
-        if not config.train_text_encoder:
+        prompts = PromptEncoder(pipe, traced, trainable=config.trains_text_encoder)
+        if not config.trains_text_encoder:
             prompts.precompute({record.prompt for source in sources for record in source.dataset.records})
         release_idle_modules(replace(config, validation_prompt=None), pipe)  # what validation keeps is off the device
     optimizer, lr_scheduler = setup_optimizer(config, models)  # outside: bitsandbytes computes its maps here

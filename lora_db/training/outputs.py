@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora_db.adapters.format import save_adapter
 from lora_db.adapters.layers import lora_state_dict
+from lora_db.adapters.tokens import trained_tokens
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.images import image_grid, save_png
@@ -53,11 +54,13 @@ def save_outputs(config: TrainConfig, models: Models, step: int, file_name: str 
         with atomic_directory(config.output_dir / "unet", replace=True) as tmp:
             models.unet.save_pretrained(tmp, safe_serialization=True)
         return config.output_dir / "unet"
-    tensors = {component: lora_state_dict(module) for component, module in models.trained.items()}
+    tensors = {
+        component: lora_state_dict(module) for component, module in models.trained.items() if component in models.specs
+    }
     metadata = adapter_metadata(config, step)
     if config.use_ema:
         metadata["weights"] = "trained" if file_name == RAW_ADAPTER_FILE else f"EMA (decay {config.ema_decay:g})"
-    return save_adapter(config.output_dir / file_name, tensors, models.specs, metadata)
+    return save_adapter(config.output_dir / file_name, tensors, models.specs, metadata, trained_tokens(models.pipe))
 
 
 def run_validation(config: TrainConfig, models: Models, accelerator, step: int) -> Path:

@@ -19,6 +19,7 @@ from torch import nn
 
 from lora_db.adapters.layers import check_rank, inject_lora
 from lora_db.adapters.spec import LoraSpec
+from lora_db.adapters.tokens import install_trainable_token
 from lora_db.adapters.variants import load_init_adapter, lora_spec
 from lora_db.config.train import TEXT_ENCODER_TARGETS, TrainConfig
 from lora_db.errors import LoraDBError
@@ -186,6 +187,9 @@ def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.de
             check_rank(text_encoder, specs["text_encoder"], "text encoder")
             inject_lora(text_encoder, specs["text_encoder"])
             trained["text_encoder"] = text_encoder
+        if config.train_token is not None:  # pivotal tuning: the new token's embedding trains too
+            install_trainable_token(pipe, config.train_token, config.init_token)
+            trained["text_encoder"] = text_encoder
         if config.init_adapter is not None:
             load_init_adapter(config, specs, trained)
     else:
@@ -194,7 +198,7 @@ def setup_models(config: TrainConfig, pipe, dtype: torch.dtype, device: torch.de
     set_attention_backend(unet, config.attention)
     if config.gradient_checkpointing:
         enable_uvit_gradient_checkpointing(unet)
-        if config.train_text_encoder:
+        if config.trains_text_encoder:
             enable_text_encoder_gradient_checkpointing(text_encoder)
     for module in trained.values():
         module.train()
@@ -209,7 +213,7 @@ def idle_modules(config: TrainConfig, pipe) -> list[nn.Module]:
     idle = [decoder.transformer, decoder.decode_prefix]
     if config.cache_latents:
         idle += [pipe.vae, pipe.image_encoder]
-    if not config.train_text_encoder:
+    if not config.trains_text_encoder:
         idle.append(pipe.text_encoder)
     return idle
 
@@ -308,6 +312,11 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
 
     device = accelerator.device
     instances = instance_records(config)
+    if config.train_token is not None and not any(config.train_token in record.prompt for record in instances):
+        raise LoraDBError(
+            f"--train-token {config.train_token} is in no training prompt, so it would learn nothing; put it in "
+            f'--instance-prompt (e.g. "a photo of {config.train_token} {config.init_token}") or the captions'
+        )
     dtype = weight_dtype(config.mixed_precision)
     set_seed(config.seed)
     pipe = load_pipeline(config.model, torch_dtype=dtype)
@@ -331,8 +340,10 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     optimizer, lr_scheduler = setup_optimizer(config, models)
     prepared = accelerator.prepare(*models.trained.values(), optimizer)
     wrapped, optimizer = dict(zip(models.trained, prepared[:-1], strict=True)), prepared[-1]
-    prompts = PromptEncoder(pipe, device, trainable=config.train_text_encoder, text_encoder=wrapped.get("text_encoder"))
-    if not config.train_text_encoder:
+    prompts = PromptEncoder(
+        pipe, device, trainable=config.trains_text_encoder, text_encoder=wrapped.get("text_encoder")
+    )
+    if not config.trains_text_encoder:
         prompts.precompute({r.prompt for r in instances + classes})
     release_idle_modules(config, pipe)
     generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + accelerator.process_index)
