@@ -143,8 +143,7 @@ def dreambooth_runs(tmp_path_factory, one_thread):
     common = {
         "model": "tiny-world",
         "instance_prompt": SUBJECT_PROMPT,
-        "max_train_steps": STEPS,
-        "learning_rate": 1e-3,
+        **RECOMMENDED,
         "class_generation_steps": 15,
         "overwrite": True,
         "report_to": "none",
@@ -156,13 +155,20 @@ def dreambooth_runs(tmp_path_factory, one_thread):
     return work
 
 
-STEPS = 400  # the README's recommended settings: rank 4, lr 1e-3, 400 steps
+# tiny-world's recommended settings (benchmarks/quality.py's lora-r8-mlp-long): above the describing prompt on the
+# judge for 9 of the 12 held-out subjects, where rank 4 at 400 steps and lr 1e-3 drew level with it.
+RECOMMENDED = {
+    "rank": 8,
+    "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "max_train_steps": 1200,
+    "learning_rate": 2e-3,
+}
 
 
 @pytest.mark.slow
 def test_dreambooth_learns_an_unseen_subject_beyond_words_and_other_adapters(dreambooth_runs, one_thread):
-    """The adapter beats (a) the base with the subject prompt and (c) an adapter of another subject by the judge (no
-    part of the model), and (a), (b) the base with a describing prompt, and (c) by the model-free pixel score."""
+    """The adapter beats (a) the base with the subject prompt, (b) the base with a describing prompt and (c) an
+    adapter of another subject, by the judge (no part of the model) and by the model-free pixel score."""
     from lora_db.config.evaluate import EvalConfig
     from lora_db.evaluation.evaluate import evaluate
     from lora_db.synthetic.subjects import SUBJECTS
@@ -186,20 +192,18 @@ def test_dreambooth_learns_an_unseen_subject_beyond_words_and_other_adapters(dre
     classes = {row["label"]: row["class"] for row in result.rows}
     describe = result.standing[SUBJECT_PROMPT]["describe"]
     plain = rows["plain"]
-    # Measured over the 12 held-out subjects (benchmarks/quality.py, guidance 3): the judge puts the adapter above
-    # (a) by +0.466 (12/12) and (c) by +0.470 (11/12), but level with (b), -0.010 (4/12): tiny-world's U-ViT draws
-    # colour, pattern and place, not the outline, and the judge weighs colour. The pixel score puts it above (b)
-    # by +0.056 (11/12). Heart: judge 0.875 vs (a) 0.506 / (c) 0.501; pixel 0.880 vs (b) 0.782.
-    for name, row in (("(a) base", rows["base"]), ("(c) other", rows["other"])):
-        assert plain["dino"] > row["dino"] + MARGIN_JUDGE, (name, plain["dino"], row["dino"])
+    # Measured over the 12 held-out subjects (benchmarks/quality.py, guidance 3, these settings): the judge puts the
+    # adapter above (a) by +0.542 (12/12), (b) by +0.066 (9/12) and (c) by +0.613 (12/12); the pixel score above
+    # (a) by +0.059 (11/12), (b) by +0.076 (12/12) and (c) by +0.076 (12/12). Heart: judge 0.942 against (a) 0.506,
+    # (b) 0.928, (c, the arrow's adapter) 0.500; pixel 0.881 against 0.820, 0.782, 0.753.
     for name, row in (("(a) base", rows["base"]), ("(b) words", describe), ("(c) other", rows["other"])):
+        assert plain["dino"] > row["dino"] + (MARGIN_JUDGE_WORDS if row is describe else MARGIN_JUDGE), (
+            name, plain["dino"], row["dino"])  # fmt: skip
         assert plain["pixel"] > row["pixel"] + MARGIN_PIXEL, (name, plain["pixel"], row["pixel"])
-    # Prior preservation (10 class images, 400 steps) did not raise prior similarity on the heart in this edition
-    # (0.572 against 0.607 without it), so this test no longer claims it; prior similarity is still reported.
     assert 0 < classes["plain"]["prior_similarity"] < 1
 
 
-MARGIN_JUDGE, MARGIN_PIXEL = 0.3, 0.01  # measured: see the comments in the test
+MARGIN_JUDGE, MARGIN_JUDGE_WORDS, MARGIN_PIXEL = 0.3, 0.005, 0.03  # measured: see the comments in the test
 
 
 def run_benchmark(name: str, args: str, out, work, monkeypatch) -> None:
@@ -267,8 +271,7 @@ def qlora_runs(tmp_path_factory, one_thread):
         "model": "tiny-world",
         "instance_dir": work / "photos",
         "instance_prompt": SUBJECT_PROMPT,
-        "max_train_steps": STEPS,
-        "learning_rate": 1e-3,
+        **RECOMMENDED,
         "mixed_precision": "bf16",
         "overwrite": True,
     }
