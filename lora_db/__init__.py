@@ -13,6 +13,7 @@ The Python API is what the `lora-db` commands call, one function per command:
 The packages, each above the ones listed after it (an import-linter contract in pyproject.toml keeps it so):
 
     cli/          the `lora-db` command line: typer commands generated from the config dataclasses
+    ui/           `lora-db ui`: the workflow in a local web page, over `lora-db` subprocesses
     training/     a DreamBooth run: set-up, the loop, examples, data, class images, checkpoints, resume,
                   stopping, trackers, model card, hub, and the memory estimate (a traced dry run of the same set-up)
     evaluation/   `lora-db eval`: samples per adapter and checkpoint, scored against the photos; the plot

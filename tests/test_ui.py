@@ -295,6 +295,17 @@ def test_a_run_started_from_the_page_is_the_cli_run_with_the_same_options(instan
     assert outside.startswith("error: Output folder photos/escape/run is outside the workspace"), outside
     assert len(page.jobs.all()) == 1
 
+    # A command that fails shows its own error line as the run's state, never a traceback.
+    (workspace / "empty").mkdir()
+    assert page.start({**values, "instance_dir": "empty", "output_dir": "runs/empty"}).startswith("started: ")
+    failed, deadline = page.train_job(), time.time() + 300
+    while failed.state() == "running":
+        assert time.time() < deadline, failed.lines()
+        time.sleep(0.1)
+    status = page.train_view().status
+    assert status.startswith(f"runs/empty: error: --instance-dir {workspace / 'empty'}: no jpg/jpeg/png"), status
+    assert not any("Traceback" in line for line in failed.lines(200))
+
 
 def test_the_page_command_line_builds_the_config_it_was_made_from(tmp_path, monkeypatch):
     """The arguments the page runs, given to `lora-db train`, build the very TrainConfig the page checked."""

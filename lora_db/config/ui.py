@@ -30,5 +30,9 @@ class UiConfig:
         check_text(self)
         check_numbers(self)
         self.workspace = Path(self.workspace)
+        if not self.workspace.expanduser().is_dir():  # said before gradio and torch take seconds to import
+            raise LoraDBError(
+                f"--workspace {self.workspace}: no such folder; create it (mkdir -p {self.workspace}) or choose another"
+            )
         if not self.host.strip() or any(ch.isspace() for ch in self.host):
             raise LoraDBError(f"--host {self.host!r}: give an address such as 127.0.0.1 or 0.0.0.0")

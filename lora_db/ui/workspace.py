@@ -35,7 +35,7 @@ class Workspace:
     def __post_init__(self) -> None:
         root = Path(os.path.realpath(Path(self.root).expanduser()))
         if not root.is_dir():
-            raise LoraDBError(f"--workspace {self.root}: no such folder; create it or choose another")
+            raise LoraDBError(f"workspace {self.root}: no such folder; create it or choose another")
         object.__setattr__(self, "root", root)
 
     def path(self, text: str | os.PathLike | None, what: str) -> Path:
