@@ -8,10 +8,12 @@ bytes. Chromium comes from Debian (`apt-get install chromium`, done by .ci/run);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -236,17 +238,29 @@ def safetensors_parts(path) -> tuple[dict, bytes]:
     return json.loads(data[8 : 8 + size]), data[8 + size :]
 
 
-@pytest.mark.slow
-def test_a_run_started_from_the_page_is_the_cli_run_with_the_same_options(instance_dir, tmp_path, monkeypatch):
-    """Same options and seed: the page's adapter and the CLI's hold the same bytes. A run into a folder that another
-    run writes is refused at once: with the CLI's lock message, or, for a run of the page itself, its own."""
+@pytest.fixture
+def page_in_process(instance_dir, tmp_path, monkeypatch):
+    """The page's logic without the page, on a workspace holding the demo photos; each job's process group (the
+    jobs run in sessions of their own) is killed after the test, however it ended."""
     from lora_db.ui.page import Page
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, ENV[name])  # inherited by the page's jobs
-    workspace = tmp_path / "workspace"
-    shutil.copytree(instance_dir, workspace / "photos")
-    page = Page(workspace)
+    shutil.copytree(instance_dir, tmp_path / "workspace" / "photos")
+    page = Page(tmp_path / "workspace")
+    yield page
+    for job in page.jobs.all():
+        if job.state() == "running":
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.record["pid"], signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_run_started_from_the_page_is_the_cli_run_with_the_same_options(page_in_process, tmp_path):
+    """Same options and seed: the page's adapter and the CLI's hold the same bytes. A run into a folder that another
+    run writes is refused at once: with the CLI's lock message, or, for a run of the page itself, its own."""
+    page = page_in_process
+    workspace = page.workspace.root
     options = {
         "--rank": "2", "--alpha": "3", "--seed": "7", "--learning-rate": "0.004", "--lora-dropout": "0.1",
         "--max-train-steps": "6", "--target-modules": "to_q,to_v", "--lr-scheduler": "cosine",
