@@ -68,3 +68,12 @@ def pristine():
 
     quiet_library_logs()
     return build_random_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def readme_run(tmp_path_factory):
+    """README.md's commands, run once as written (tests/doc_commands.py): its folder and each command's output."""
+    from doc_commands import ROOT, run_page
+
+    folder = tmp_path_factory.mktemp("readme")
+    return folder, run_page(ROOT / "README.md", folder)

@@ -11,6 +11,7 @@ Usage errors (a missing or mistyped option) print the short usage, the one probl
 
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import Any, NoReturn
 
@@ -48,9 +49,15 @@ HELP_ALL_OPTION = typer.Option(
 )
 
 
+class _Wrapper(textwrap.TextWrapper):
+    """Lines break at spaces and after a slash (`--instance-dir/--class-dir` lists), never at a hyphen (a default
+    such as `thu-ml/unidiffuser-v1` keeps `thu-ml` whole); a word wider than the line is cut, the last resort."""
+
+    wordsep_simple_re = re.compile(r"(\s+|(?<=/)(?=\S))")
+
+
 def _wrapped(text: str, width: int) -> list[str]:
-    # Hyphens are not break points: a default such as thu-ml/unidiffuser-v1 stays whole.
-    return textwrap.wrap(text, max(width, 20), break_on_hyphens=False, break_long_words=False) or [""]
+    return _Wrapper(max(width, 20), break_on_hyphens=False).wrap(text) or [""]
 
 
 def definition_list(rows: list[tuple[str, str]], width: int) -> list[str]:
