@@ -40,7 +40,7 @@ AttentionBackend = Literal["sdpa", "xformers"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Tracker = Literal["tensorboard", "wandb", "none"]
 
-PATH_FIELDS = ("instance_dir", "output_dir", "class_dir", "dataset_config")
+PATH_FIELDS = ("instance_dir", "output_dir", "class_dir", "dataset_config", "cache_latents_dir")
 
 DEFAULT_LEARNING_RATE = 1e-4
 # Each library's convention: Prodigy's lr multiplies the step size it estimates (1.0 as its authors use it); Lion's
@@ -260,6 +260,12 @@ class TrainConfig:
         "Encode images (VAE latents, CLIP embeddings) once, then drop the VAE and image encoder.",
         "Memory",
     )
+    cache_latents_dir: Path | None = option(
+        None,
+        "Like --cache-latents, but the encodings live in this folder (keyed by the VAE, image encoder and each "
+        "file's digest, reused by later runs) and are read a batch at a time: memory flat in the number of images.",
+        "Memory",
+    )
     quantize_base: Quantization = option(
         "none",
         "Store the frozen U-ViT (and a trained text encoder) in 4-bit NF4 or 8-bit (bitsandbytes, QLoRA): "
@@ -366,6 +372,13 @@ class TrainConfig:
                 "--cache-latents encodes each image once, which would freeze --random-crop/--random-flip: "
                 "drop one of them"
             )
+        if self.cache_latents_dir is not None and (self.random_crop or self.random_flip):
+            fail(
+                "--cache-latents-dir encodes each image once, which would freeze --random-crop/--random-flip: "
+                "drop one of them"
+            )
+        if self.cache_latents_dir is not None and self.cache_latents:
+            fail("--cache-latents keeps the encodings in memory, --cache-latents-dir on disk: choose one")
         if self.overwrite and self.resume_from_checkpoint:
             fail("--overwrite starts afresh and --resume-from-checkpoint continues: choose one")
         if self.instance_dir is not None and self.class_dir is not None:
@@ -457,6 +470,12 @@ class TrainConfig:
     @property
     def with_prior_preservation(self) -> bool:
         return any(concept.class_prompt is not None for concept in self.concepts())
+
+    @property
+    def encodes_once(self) -> bool:
+        """Whether images are encoded once before training (in memory or on disk), so the VAE and image encoder
+        can go."""
+        return self.cache_latents or self.cache_latents_dir is not None
 
     @property
     def trains_text_encoder(self) -> bool:

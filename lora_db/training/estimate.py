@@ -317,6 +317,8 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
         )
     if config.use_ema:
         notes.append("the optimizer column includes --use-ema's average, an fp32 copy of every trained weight")
+    if config.cache_latents_dir is not None:
+        notes.append("--cache-latents-dir: one micro-batch of encodings in memory at a time, whatever the image count")
     if config.init_adapter is not None:
         # Its weights only replace the initial values of tensors of the same shapes: the same memory.
         config = replace(config, init_adapter=None)
@@ -506,6 +508,13 @@ def _example_sources(config: TrainConfig, pipe, dtype: torch.dtype, device: torc
         if concept.class_prompt is not None:
             found = _records(concept.class_dir, concept.class_prompt, config.resolution, scratch / f"class-{number}")
             classes += found[: config.num_class_images]
+    if config.cache_latents_dir is not None:
+        # On disk, only a micro-batch of encodings is in memory at a time: one cached image stands for it.
+        config, instances, classes = (
+            replace(config, cache_latents=True, cache_latents_dir=None),
+            instances[:1],
+            classes[:1],
+        )
     return [example_source(config, records, pipe, dtype, device) for records in (instances, classes) if records]
 
 

@@ -8,26 +8,43 @@ decoder's `encode` projection."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lora_db.config.train import TrainConfig
 from lora_db.training.data import DreamBoothDataset, ImageRecord, collate
+from lora_db.training.latent_cache import LatentCache
 
 
 class ExampleSource:
     """Training examples for the loop: from images each step, or from encodings cached once."""
 
-    def __init__(self, dataset: DreamBoothDataset, pipe, dtype: torch.dtype, device: torch.device, cache: bool):
+    def __init__(
+        self,
+        dataset: DreamBoothDataset,
+        pipe,
+        dtype: torch.dtype,
+        device: torch.device,
+        cache: bool,
+        disk: LatentCache | None = None,
+    ):
         self.dataset, self.pipe, self.dtype, self.device = dataset, pipe, dtype, device
         self.cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self.files: list[Path] | None = None  # --cache-latents-dir: each example's encodings on disk
         if cache:
             encoded = {}  # a file its concept repeats is encoded once
             for i, record in enumerate(dataset.records):
                 if record.path not in encoded:
                     encoded[record.path] = self._encode_item(dataset[i])
             self.cache = [encoded[record.path] for record in dataset.records]
+        if disk is not None:
+            files = {}
+            for i, record in enumerate(dataset.records):
+                if record.path not in files:
+                    files[record.path] = disk.ensure(record.path, lambda i=i: self._encode_item(dataset[i]))
+            self.files = [files[record.path] for record in dataset.records]
 
     def weights(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
         """The loss weight of each example of a micro-batch (its concept's)."""
@@ -54,6 +71,9 @@ class ExampleSource:
         prompts = [self.dataset.records[index].prompt for _, index in pairs]
         if self.cache is not None:
             mean, std, clip = (torch.stack(parts) for parts in zip(*(self.cache[i] for _, i in pairs), strict=True))
+        elif self.files is not None:
+            items = [LatentCache.load(self.files[i], self.device) for _, i in pairs]
+            mean, std, clip = (torch.stack(parts) for parts in zip(*items, strict=True))
         else:
             items = []
             for epoch, index in pairs:
@@ -69,7 +89,12 @@ class ExampleSource:
 
 
 def example_source(
-    config: TrainConfig, records: list[ImageRecord], pipe, dtype: torch.dtype, device: torch.device
+    config: TrainConfig,
+    records: list[ImageRecord],
+    pipe,
+    dtype: torch.dtype,
+    device: torch.device,
+    disk: LatentCache | None = None,
 ) -> ExampleSource:
     dataset = DreamBoothDataset(
         records,
@@ -79,7 +104,7 @@ def example_source(
         random_flip=config.random_flip,
         seed=config.seed,
     )
-    return ExampleSource(dataset, pipe, dtype, device, cache=config.cache_latents)
+    return ExampleSource(dataset, pipe, dtype, device, cache=config.cache_latents, disk=disk)
 
 
 class PromptEncoder:

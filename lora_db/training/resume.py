@@ -50,6 +50,7 @@ RESUME_MAY_CHANGE = frozenset(
         "gradient_checkpointing",  # recomputes the same activations
         "attention",  # the same attention, another kernel
         "cache_latents",  # the same encodings, kept instead of recomputed
+        "cache_latents_dir",  # the same encodings, on disk
         "skip_bad_images",  # the data digest refuses a change in what is trained on
         "strict",
         "class_generation_steps",  # only used to generate missing class images, which the digest covers

@@ -54,6 +54,7 @@ from lora_db.training.data import check_caption_lengths, scan_images
 from lora_db.training.ema import EMA, setup_ema
 from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
 from lora_db.training.hub import check_hub_access
+from lora_db.training.latent_cache import LatentCache
 from lora_db.training.optimizers import check_optimizer, setup_optimizer
 from lora_db.training.tracking import resolve_tracker
 
@@ -211,7 +212,7 @@ def idle_modules(config: TrainConfig, pipe) -> list[nn.Module]:
     trained (every prompt is encoded once, before the loop)."""
     decoder = pipe.text_decoder
     idle = [decoder.transformer, decoder.decode_prefix]
-    if config.cache_latents:
+    if config.encodes_once:
         idle += [pipe.vae, pipe.image_encoder]
     if not config.trains_text_encoder:
         idle.append(pipe.text_encoder)
@@ -334,9 +335,12 @@ def setup_run(config: TrainConfig, accelerator) -> Run:
     torch.manual_seed(config.seed)  # LoRA initialisation
     models = setup_models(config, pipe, dtype, device)
 
-    sources = [example_source(config, instances, pipe, dtype, device)]
+    disk = LatentCache(config.cache_latents_dir, pipe, dtype, config.resolution) if config.cache_latents_dir else None
+    sources = [example_source(config, instances, pipe, dtype, device, disk)]
     if classes:
-        sources.append(example_source(config, classes, pipe, dtype, device))
+        sources.append(example_source(config, classes, pipe, dtype, device, disk))
+    if disk is not None:
+        logger.info("--cache-latents-dir %s: %d images encoded, %d read back", disk.folder, disk.written, disk.reused)
     optimizer, lr_scheduler = setup_optimizer(config, models)
     prepared = accelerator.prepare(*models.trained.values(), optimizer)
     wrapped, optimizer = dict(zip(models.trained, prepared[:-1], strict=True)), prepared[-1]
