@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lora_db.adapters.hotswap import load_pipeline
 from lora_db.adapters.sample import GRID_MIN_CELL
 from lora_db.config.commands import DemoConfig
@@ -52,6 +54,17 @@ class DemoResult:
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Photos, training, samples before and after, the grid: FOLDER/photos, FOLDER/run, FOLDER/before-after.png."""
+    threads = torch.get_num_threads()
+    # tiny-world's tensors are too small to share: on a 2-core machine with another job, two threads took 2.5 min
+    # where one took 1 (benchmarks/quality.py runs with one thread too).
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(config: DemoConfig) -> DemoResult:
     started = time.perf_counter()
     subject = SUBJECTS[config.subject]
     folder = config.folder
