@@ -44,6 +44,7 @@ def test_every_option_the_commands_took_before_the_package_moved_is_still_taken(
 def test_every_visible_option_is_generated_from_a_config_field_with_its_help():
     """One generator: each command's visible parameters are exactly its config dataclasses' fields."""
     from lora_db.config.commands import (
+        CaptionConfig,
         DemoConfig,
         DemoImagesConfig,
         ExportConfig,
@@ -67,6 +68,7 @@ def test_every_visible_option_is_generated_from_a_config_field_with_its_help():
         "demo-images": [DemoImagesConfig],
         "ui": [UiConfig],
         "demo": [DemoConfig],
+        "caption": [CaptionConfig],
     }
     params = command_params()
     assert set(configs) == set(params)

@@ -1,9 +1,10 @@
-"""`lora-db sample`, `merge`, `info` and `export`: thin typer commands over lora_db.adapters.
+"""`lora-db sample`, `merge`, `info`, `export` and `caption`: thin typer commands over lora_db.adapters.
 
     lora-db sample --adapter robot/adapter.safetensors --adapter none --prompt "a photo of sks robot" --out samples
     lora-db merge --adapter robot/adapter.safetensors --out robot-merged
     lora-db info robot/adapter.safetensors
     lora-db export robot/adapter.safetensors --format peft robot-peft
+    lora-db caption photos/ --prefix "a photo of sks"
 
 Options, defaults and help text come from SampleConfig / MergeConfig / InfoConfig / ExportConfig
 (lora_db.config.commands) through the one option generator. Each command imports the library when it runs, so
@@ -18,7 +19,7 @@ from typing import Any
 import typer
 
 from lora_db.cli.options import build_config, with_config_options
-from lora_db.config.commands import ExportConfig, InfoConfig, MergeConfig, SampleConfig
+from lora_db.config.commands import CaptionConfig, ExportConfig, InfoConfig, MergeConfig, SampleConfig
 from lora_db.layout import ADAPTER_FILE, is_run_folder
 from lora_db.logs import MAX_SHOWN, printable
 
@@ -202,3 +203,23 @@ def export_command(**values: Any) -> None:
 
     for folder in export_peft(config.adapter, config.out, overwrite=config.overwrite):
         typer.echo(f"{config.format}: {folder}")
+
+
+@app.command("caption")
+@with_config_options(CaptionConfig)
+def caption_command(**values: Any) -> None:
+    """Write a caption beside every photo (NAME.txt) with UniDiffuser's own image-to-text mode.
+
+    Existing captions are kept unless --overwrite. Example:
+
+        lora-db caption photos --prefix "a photo of sks"
+    """
+    config = build_config(CaptionConfig, values)
+    from lora_db.adapters.caption import caption
+
+    result = caption(config)
+    for path, text in result.written.items():  # generated text: escaped like text from a file
+        typer.echo(f"{path.name}: {printable(text)}")
+    typer.echo(f"wrote {_count(len(result.written), 'caption')} in {config.folder}")
+    if result.kept:
+        typer.echo(f"kept {_count(len(result.kept), 'existing caption')} (--overwrite replaces them)")

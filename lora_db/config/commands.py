@@ -222,3 +222,32 @@ class DemoConfig:
         check_text(self)
         check_numbers(self)
         self.folder = Path(self.folder)
+
+
+@dataclass
+class CaptionConfig:
+    folder: Path = option(
+        None, "Folder of photos to caption (NAME.txt is written beside NAME.png).", argument=True, required=True
+    )
+    model: str = option(
+        "thu-ml/unidiffuser-v1",
+        "UniDiffuser whose image-to-text mode writes the captions (hub id, folder, tiny-world).",
+    )
+    adapter: str | None = option(
+        None, "Caption with this adapter applied (a file or training run folder): the model being trained."
+    )
+    prefix: str | None = option(None, 'Text put before every caption, e.g. "a photo of sks" (joined with ", ").')
+    seed: int = option(0, "Seed of every caption: same seed and photo, same caption.", minimum=0, maximum=MAX_SEED)
+    num_inference_steps: int = option(25, "Denoising steps per caption.", minimum=1)
+    guidance_scale: float = option(8.0, "Classifier-free guidance scale.")
+    mixed_precision: MixedPrecision = option("no", "Load the weights in fp16 (GPU) or bf16.")
+    overwrite: bool = option(False, "Replace captions that exist (without it they are kept and reported).")
+
+    def __post_init__(self) -> None:
+        if not str(self.folder or "").strip():
+            raise LoraDBError("FOLDER is empty; name the folder of photos to caption")
+        check_text(self)
+        check_numbers(self)
+        self.folder = Path(self.folder)
+        if self.prefix is not None and not self.prefix.strip():
+            raise LoraDBError("--prefix is empty; give the text to put before each caption, or leave it out")
