@@ -112,17 +112,27 @@ def test_export_keeps_the_token_beside_the_peft_folders(pivotal, tmp_path):
     assert torch.equal(back.tokens["sks"], read_adapter(path).tokens["sks"])
 
 
-def test_a_pipeline_holds_one_embedding_per_token(pivotal, pristine, tmp_path):
+def test_the_token_switches_with_its_adapter(pivotal, pristine, tmp_path):
+    """While the adapter is off, the base (and any other adapter) reads "sks" as the base vocabulary splits it; two
+    adapters that learned "sks" differently are refused only when both are on."""
+    from lora_db.adapters.format import save_adapter
+
     _, path, _, _ = pivotal
     adapter = read_adapter(path)
     other = tmp_path / "other.safetensors"
-    from lora_db.adapters.format import save_adapter
-
     save_adapter(other, adapter.tensors, adapter.specs, adapter.metadata, {"sks": adapter.tokens["sks"] + 1})
     swap = AdapterSet(copy.deepcopy(pristine))
-    swap.load(path)
-    with pytest.raises(LoraDBError, match="already in this pipeline with another embedding"):
-        swap.load(other)
+    first, second = swap.load(path), swap.load(other)
+    base_ids = pristine.clip_tokenizer("a photo of sks robot").input_ids
+    swap.activate({})
+    assert swap.pipe.clip_tokenizer("a photo of sks robot").input_ids == base_ids
+    np.testing.assert_array_equal(t2i(swap.pipe), t2i(pristine))
+    swap.activate({first: 1.0})
+    assert swap.pipe.clip_tokenizer("a photo of sks robot").input_ids != base_ids
+    swap.activate({second: 1.0})
+    with pytest.raises(LoraDBError, match="both learned the token 'sks', differently"):
+        swap.activate({first: 1.0, second: 1.0})
+    assert swap.active == {second: 1.0}  # a refused switch changes nothing
 
 
 def test_resume_is_exact_and_checkpoints_are_evaluated_with_their_token(tiny_config, tmp_path):

@@ -21,7 +21,7 @@ from torch import nn
 from lora_db.adapters.format import read_adapter
 from lora_db.adapters.layers import check_fits, check_summable, inject_lora, load_lora_state_dict, pipeline_component
 from lora_db.adapters.spec import COMPONENTS, AdapterFile
-from lora_db.adapters.tokens import add_tokens_to_pipeline
+from lora_db.adapters.tokens import TokenSwitch
 from lora_db.config.commands import WeightedAdapter
 from lora_db.errors import LoraDBError
 from lora_db.layout import ADAPTER_FILE
@@ -50,6 +50,7 @@ class AdapterSet:
         self.pipe = pipe
         self.files: dict[str, AdapterFile] = {}
         self.active: dict[str, float] = {}
+        self._tokens: TokenSwitch | None = None  # set when an adapter brings pivotal tuning's tokens
         self._layers: dict[str, list[nn.Module]] = {}
 
     @property
@@ -77,7 +78,9 @@ class AdapterSet:
         modules = {component: pipeline_component(self.pipe, adapter, component) for component in adapter.specs}
         for component, module in modules.items():
             check_fits(module, adapter, component)
-        add_tokens_to_pipeline(self.pipe, adapter.tokens, adapter.path)
+        if adapter.tokens:  # pivotal tuning: switched in with the adapter (activate)
+            self._tokens = self._tokens or TokenSwitch(self.pipe)
+            self._tokens.check(adapter.tokens, adapter.path)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters, on purpose
             for component, module in modules.items():
@@ -99,6 +102,7 @@ class AdapterSet:
         if bad:
             raise LoraDBError(f"adapter weights must be finite numbers, not {bad[0]}")
         check_summable(self.files[name] for name in weights)
+        tokens = self._active_tokens(weights)
         for layers in self._layers.values():
             for layer in layers:
                 present = [name for name in weights if name in layer.scaling]
@@ -107,7 +111,22 @@ class AdapterSet:
                     layer.set_adapter(present, inference_mode=True)
                     for name in present:
                         layer.set_scale(name, weights[name])
+        if self._tokens is not None:
+            self._tokens.install(tokens)
         self.active = dict(weights)
+
+    def _active_tokens(self, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        tokens: dict[str, torch.Tensor] = {}
+        owners: dict[str, str] = {}
+        for name in weights:
+            for token, vector in self.files[name].tokens.items():
+                if token in tokens and not torch.equal(tokens[token], vector):
+                    raise LoraDBError(
+                        f"adapters {owners[token]} and {name} both learned the token {printable(token)!r}, "
+                        "differently; activate one of them at a time"
+                    )
+                tokens[token], owners[token] = vector, name
+        return tokens
 
     def _free_name(self, path: Path) -> str:
 

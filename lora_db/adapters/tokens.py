@@ -4,9 +4,11 @@
 
 Training adds `sks` to the CLIP tokenizer as a token of its own (so it is no longer split into known pieces) and
 puts a `TokenEmbedding` in the text encoder: the frozen vocabulary plus one trained row, started at the embedding
-of `toy` (the mean of its pieces'). The adapter file keeps the row as `tokens.sks` (lora-db's `AdapterFile.tokens`);
-sample, eval and merge put it into a pipeline the way stock transformers does (`add_tokens`, a resized embedding
-table: `add_tokens_to_pipeline`), so a merged folder loads in stock diffusers with the token in its tokenizer.
+of `toy` (the mean of its pieces'). The adapter file keeps the row as `tokens.sks` (lora-db's `AdapterFile.tokens`).
+Sample and eval switch it in with its adapter (`TokenSwitch`: while the adapter is inactive the base model reads
+"sks" as before); merge puts it into the pipeline the way stock transformers does (`add_tokens`, a resized
+embedding table: `add_tokens_to_pipeline`), so a merged folder loads in stock diffusers with the token in its
+tokenizer.
 An exported peft folder carries them beside the components as `tokens.safetensors` ({token: vector}, diffusers'
 textual-inversion layout).
 """
@@ -132,3 +134,52 @@ def add_tokens_to_pipeline(pipe, tokens: Mapping[str, torch.Tensor], source: Pat
         table = text_encoder.get_input_embeddings()
         with torch.no_grad():
             table.weight[-1] = vector.to(table.weight.device, table.weight.dtype)
+
+
+class TokenSwitch:
+    """The tokens of the active adapters, and only theirs, in a pipeline whose adapters switch (`AdapterSet`).
+
+    A token stays out of the tokenizer while no active adapter holds it, so the base model and the other adapters
+    read "sks" as the base vocabulary splits it. Each switch installs a fresh copy of the base tokenizer with the
+    active tokens added, and a `TokenEmbedding` over the base table with their rows."""
+
+    def __init__(self, pipe):
+        import copy
+
+        self.pipe = pipe
+        self.base_tokenizer = copy.deepcopy(pipe.clip_tokenizer)
+        self.base_embedding = pipe.text_encoder.get_input_embeddings()
+        self.installed: dict[str, torch.Tensor] = {}
+
+    def check(self, tokens: Mapping[str, torch.Tensor], source: Path) -> None:
+        width = self.base_embedding.weight.shape[1]
+        for token, vector in tokens.items():
+            if vector.shape[0] != width:
+                raise LoraDBError(
+                    f"{source}: the embedding of {printable(token)!r} is {vector.shape[0]} wide, the text encoder's "
+                    f"{width}; the adapter was trained for another model"
+                )
+            probe = copy_with(self.base_tokenizer, [token])
+            _single_id(probe, token, f"{source}: token")
+
+    def install(self, tokens: Mapping[str, torch.Tensor]) -> None:
+        """Exactly `tokens` (token -> vector) in the pipeline; the base vocabulary alone for none."""
+        if tokens.keys() == self.installed.keys() and all(torch.equal(tokens[t], self.installed[t]) for t in tokens):
+            return
+        device = self.base_embedding.weight.device
+        if tokens:
+            self.pipe.clip_tokenizer = copy_with(self.base_tokenizer, list(tokens))
+            rows = torch.stack([vector.float() for vector in tokens.values()]).to(device)
+            embedding = TokenEmbedding(self.base_embedding, rows).requires_grad_(False)
+        else:
+            self.pipe.clip_tokenizer, embedding = self.base_tokenizer, self.base_embedding
+        self.pipe.text_encoder.set_input_embeddings(embedding)
+        self.installed = dict(tokens)
+
+
+def copy_with(tokenizer, tokens: list[str]):
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens(tokens)
+    return tokenizer
