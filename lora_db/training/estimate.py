@@ -17,10 +17,12 @@ seconds on a CPU. A quantized base (`--quantize-base`) is quantized by bitsandby
 kernels, so packed weights and quantization constants are counted as training holds them; NF4's fused matmul op
 is traced through bitsandbytes' default implementation (dequantize the weight, then multiply), which the CPU runs.
 
-What it does not count: the CUDA context (printed beside the estimate, ~0.5 GiB), the caching allocator's slack
-(reserved minus allocated) and buffers kernels allocate inside themselves. The trace runs with CPU kernels and
-CPU autocast (fake CUDA tensors need a CUDA build of torch); of the CUDA differences, torch's foreach AdamW (one
-temporary the size of the trained weights) is modelled, the fp32 outputs of CUDA autocast's layer norms are not.
+What the trace does not see is added beside it: on CUDA the context (~0.5 GiB, printed, not measured here); on a
+CPU the buffers kernels allocate inside themselves, as measured (`cpu_process_bytes`). Not counted: the caching
+allocator's slack (reserved minus allocated). The trace runs with CPU kernels and CPU autocast (fake CUDA tensors
+need a CUDA build of torch); of the CUDA differences, torch's foreach AdamW (one temporary the size of the trained
+weights) is modelled; the fp32 outputs of CUDA autocast's layer norms and the int8 copy of each input that
+bitsandbytes' CUDA int8 matmul keeps (its CPU matmul does not) are not.
 benchmarks/README.md compares the estimate with measurements.
 """
 
@@ -61,6 +63,8 @@ from lora_db.training.setup import Run, release_idle_modules, setup_models
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + kernels of torch on a current GPU; not counted by the allocator
+REDUCED_PRECISION_KERNEL_BYTES = 24 * 2**20  # see cpu_process_bytes
+FEED_FORWARD_MULT = 4  # the U-ViT's feed-forward hidden width over its model width (diffusers' FeedForward)
 COMPONENTS = ("unet", "text_encoder", "text_decoder", "vae", "image_encoder")
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
 _TRACKER_CATEGORIES = {  # MemTracker's reference types -> our names
@@ -99,6 +103,7 @@ class MemoryEstimate:
     peak_bytes: int  # tensors alive at the peak of a training step
     setup_bytes: int  # tensors alive when the loop starts (weights, buffers, caches)
     notes: list[str] = field(default_factory=list)
+    process_bytes: int = 0  # on a CPU: what the process holds at the peak besides tensors (`cpu_process_bytes`)
 
     @property
     def context_bytes(self) -> int:
@@ -106,7 +111,7 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.peak_bytes + self.context_bytes
+        return self.peak_bytes + self.context_bytes + self.process_bytes
 
     def fits(self, memory_bytes: int) -> bool:
         return self.total_bytes <= memory_bytes
@@ -121,6 +126,7 @@ class MemoryEstimate:
             "peak_bytes": self.peak_bytes,
             "setup_bytes": self.setup_bytes,
             "context_bytes": self.context_bytes,
+            "process_bytes": self.process_bytes,
             "total_bytes": self.total_bytes,
             "at_peak": dict(self.at_peak),
             "components": {name: vars(c) for name, c in self.components.items()},
@@ -145,7 +151,9 @@ class MemoryEstimate:
         lines += ["", f"at the peak: {held}", f"{'peak of the step':<34}{format_bytes(self.peak_bytes):>12}"]
         if self.device == "cuda":
             lines.append(f"{'CUDA context (approx., not above)':<34}{format_bytes(self.context_bytes):>12}")
-            lines.append(f"{'total':<34}{format_bytes(self.total_bytes):>12}")
+        else:
+            lines.append(f"{'CPU kernel buffers (measured)':<34}{format_bytes(self.process_bytes):>12}")
+        lines.append(f"{'total':<34}{format_bytes(self.total_bytes):>12}")
         if memory_bytes is not None:
             spare = memory_bytes - self.total_bytes
             verdict, margin = ("fits", "to spare") if self.fits(memory_bytes) else ("does NOT fit", "short")
@@ -366,7 +374,23 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
         peak_bytes=peak.get(_TOTAL, 0),
         setup_bytes=setup_bytes,
         notes=notes,
+        process_bytes=cpu_process_bytes(config, pipe, len(run.sources)) if device == "cpu" else 0,
     )
+
+
+def cpu_process_bytes(config: TrainConfig, pipe, sources: int) -> int:
+    """What a CPU training process holds at its peak besides the tensors the trace sees, as benchmarks/memory.py
+    measured it at two model sizes (benchmarks/README.md, How good is the estimate): about one fp32 copy of the
+    U-ViT's feed-forward hidden activation, which some op allocates inside itself (the whole under-estimate of the
+    fp32 rows: 24-30 MiB at real size, 3-5 MiB for random:small), and with bf16 or fp16 weights the state of
+    oneDNN's reduced-precision kernels (23-36 MiB more at either size)."""
+    unet = pipe.unet.config
+    side = config.resolution // pipe.vae_scale_factor // unet.patch_size
+    # Image patches, text tokens, the CLIP image token, both timesteps and (v1) the data-type token.
+    tokens = side * side + unet.num_text_tokens + 3 + int(unet.use_data_type_embedding)
+    hidden = FEED_FORWARD_MULT * unet.num_attention_heads * unet.attention_head_dim
+    reduced = REDUCED_PRECISION_KERNEL_BYTES if config.mixed_precision != "no" else 0
+    return config.train_batch_size * sources * tokens * hidden * 4 + reduced
 
 
 def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scratch: Path):
