@@ -99,8 +99,8 @@ def help_entries(text: str) -> dict[str, str]:
             for flag in flags:
                 entries[flag] = f"{names}  {rest.strip()}"
         elif flags and line.startswith("    ") and line.strip():
-            for flag in flags:
-                entries[flag] += " " + line.strip()
+            for flag in flags:  # the help breaks lines after a slash too (`thu-ml/` + `unidiffuser-v1`)
+                entries[flag] += ("" if entries[flag].endswith("/") else " ") + line.strip()
         else:
             flags = []
     return entries
