@@ -3,21 +3,15 @@ as the adapter (the trained weights beside it), checkpointed and resumed exactly
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
+from resume_helpers import assert_resumed_exactly, run_and_resume
 from safetensors.torch import load_file
 
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.training.ema import EMA
 from lora_db.training.loop import train
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_average_follows_the_weights_at_the_warmed_up_decay():
@@ -112,16 +106,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, one_thre
         "num_validation_images": 1,
         "validation_inference_steps": 2,
     }
-    full = tmp_path / "full"
-    train(tiny_config(output_dir=full, **options))
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    shutil.copytree(full / "checkpoint-3", interrupted / "checkpoint-3")
-    train(tiny_config(output_dir=interrupted, resume_from_checkpoint="latest", **options))
-    assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(full)[3:]]
-    for name in ("adapter.safetensors", "adapter-raw.safetensors"):
-        a, b = load_file(str(interrupted / name)), load_file(str(full / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    full, interrupted = run_and_resume(tiny_config, tmp_path, 3, **options)
+    assert_resumed_exactly(full, interrupted, 3, files=("adapter.safetensors", "adapter-raw.safetensors"))
     # The average lives in the checkpoint: resuming a run with --use-ema without it is refused by name.
     with pytest.raises(LoraDBError, match="--use-ema"):
         train(tiny_config(output_dir=full, resume_from_checkpoint=str(full / "checkpoint-3"), max_train_steps=6))

@@ -283,13 +283,15 @@ def test_merge_errors(extra, fragments, files, tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "x.pt"]
 
 
-def test_hot_swap_and_merge_reproduce_the_trained_models_own_forward(pristine, tiny_config, tmp_path):
-    """Tie both paths to training itself: peft's scaling in the trained model, not lora-db's own scale formula."""
+@pytest.mark.parametrize("adapter_type", ["lora", "lokr", "loha"])
+def test_hot_swap_and_merge_reproduce_the_trained_models_own_forward(pristine, tiny_config, tmp_path, adapter_type):
+    """Tie both paths to training itself: peft's scaling in the trained model, not lora-db's own scale formula
+    (for LoKr and LoHa: peft's update, not lora-db's own in adapters/kinds.py)."""
     from lora_db.training.loop import optimizer_step
     from lora_db.training.outputs import save_outputs
     from lora_db.training.setup import check_before_loading, setup_accelerator, setup_run
 
-    options = {"rank": 4, "alpha": 8.0, "learning_rate": 5e-2, "train_text_encoder": True}
+    options = {"rank": 4, "alpha": 8.0, "learning_rate": 5e-2, "train_text_encoder": True, "adapter_type": adapter_type}
     config = check_before_loading(tiny_config(**options), torch.device("cpu"))
     run = setup_run(config, setup_accelerator(config))
     for step in range(3):

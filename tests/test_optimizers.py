@@ -3,12 +3,9 @@ convention, schedule-free's averaged weights wherever the weights are sampled or
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
-from safetensors import safe_open
+from resume_helpers import assert_resumed_exactly, metrics, run_and_resume
 
 from lora_db.config.train import TrainConfig
 from lora_db.errors import LoraDBError
@@ -23,10 +20,6 @@ NEW_OPTIMIZERS = {
     "lion8bit": ("bitsandbytes.optim.lion.Lion8bit", "state1"),
     "schedulefree-adamw": ("schedulefree.adamw_schedulefree.AdamWScheduleFree", "z"),
 }
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def setup(config):
@@ -110,16 +103,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, name, on
         options["learning_rate"] = None  # its convention, 1.0
     else:
         options["lr_scheduler"] = "constant_with_warmup" if name != "schedulefree-adamw" else "constant"
-    full = tmp_path / "full"
-    train(tiny_config(output_dir=full, **options))
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    shutil.copytree(full / "checkpoint-3", interrupted / "checkpoint-3")
-    result = train(tiny_config(output_dir=interrupted, resume_from_checkpoint="latest", **options))
-    assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(full)[3:]]
-    assert [r["lr"] for r in metrics(interrupted)] == [r["lr"] for r in metrics(full)[3:]]
-    with safe_open(str(result.adapter_path), "pt") as a, safe_open(str(full / "adapter.safetensors"), "pt") as b:
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    assert_resumed_exactly(*run_and_resume(tiny_config, tmp_path, 3, **options), 3)
 
 
 def test_schedule_free_samples_checkpoints_and_saves_its_averaged_weights(tiny_config, monkeypatch, one_thread):

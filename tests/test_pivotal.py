@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 from lora_helpers import initial_latents, t2i
 from processes import run as run_process
+from resume_helpers import assert_resumed_exactly, run_and_resume
 from safetensors.torch import load_file, save_file
 from test_merge import MERGE_ATOL, STOCK_SCRIPT
 
@@ -25,10 +25,6 @@ from lora_db.errors import LoraDBError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKEN = {"train_token": "sks", "init_token": "robot"}
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_embedding_reads_the_table_below_the_vocabulary_and_trains_only_the_new_row():
@@ -137,16 +133,10 @@ def test_the_token_switches_with_its_adapter(pivotal, pristine, tmp_path):
 
 def test_resume_is_exact_and_checkpoints_are_evaluated_with_their_token(tiny_config, tmp_path):
     from lora_db.evaluation.evaluate import checkpoint_adapter
-    from lora_db.training.loop import train
 
     options = {"max_train_steps": 6, "checkpointing_steps": 3, "train_text_encoder": True, **TOKEN}
-    full = tmp_path / "full"
-    train(tiny_config(output_dir=full, **options))
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    shutil.copytree(full / "checkpoint-3", interrupted / "checkpoint-3")
-    train(tiny_config(output_dir=interrupted, resume_from_checkpoint="latest", **options))
-    assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(full)[3:]]
+    full, interrupted = run_and_resume(tiny_config, tmp_path, 3, **options)
+    assert_resumed_exactly(full, interrupted, 3)
     a, b = read_adapter(interrupted / "adapter.safetensors"), read_adapter(full / "adapter.safetensors")
     assert torch.equal(a.tokens["sks"], b.tokens["sks"])
     assert set(a.specs) == {"unet", "text_encoder"}

@@ -19,12 +19,11 @@ a file of one concept: `concepts(config)` gives the same list either way, and tr
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_db.config.fields import expand_path
+from lora_db.config.fields import expand_path, toml_table
 from lora_db.errors import LoraDBError
 from lora_db.logs import printable
 
@@ -48,16 +47,7 @@ class Concept:
 def read_dataset_config(path: Path) -> list[Concept]:
     """The concepts of a dataset config, each key and value checked; errors name the file, the concept and the key."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoraDBError(f"--dataset-config {path}: file not found") from None
-    except IsADirectoryError:
-        raise LoraDBError(f"--dataset-config {path}: is a folder; pass a TOML file") from None
-    except OSError as err:
-        raise LoraDBError(f"--dataset-config {path}: cannot read it ({err.strerror or err})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise LoraDBError(f"--dataset-config {path}: not valid TOML ({err})") from None
+    raw = toml_table(path, "--dataset-config")
     unknown = [key for key in raw if key != "concept"]
     tables = raw.get("concept")
     if unknown or not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):

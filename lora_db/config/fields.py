@@ -148,19 +148,24 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def toml_table(path: Path, option: str) -> dict[str, Any]:
+    """A TOML file's table; a missing, unreadable or invalid file is one line naming `option` and the file."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoraDBError(f"{option} {path}: file not found") from None
+    except IsADirectoryError:
+        raise LoraDBError(f"{option} {path}: is a folder; pass a TOML file") from None
+    except OSError as err:
+        raise LoraDBError(f"{option} {path}: cannot read it ({err.strerror or err})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise LoraDBError(f"{option} {path}: not valid TOML ({err})") from None
+
+
 def read_toml(path: Path, cls: type) -> dict[str, Any]:
     """Read a TOML file of option values, checking every key and type against the dataclass."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoraDBError(f"--config {path}: file not found") from None
-    except IsADirectoryError:
-        raise LoraDBError(f"--config {path}: is a folder; pass a TOML file") from None
-    except OSError as err:
-        raise LoraDBError(f"--config {path}: cannot read it ({err.strerror or err})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise LoraDBError(f"--config {path}: not valid TOML ({err})") from None
+    raw = toml_table(path, "--config")
     hints = field_types(cls)
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
