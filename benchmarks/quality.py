@@ -57,6 +57,15 @@ CONFIGS = {
     "lora-r4-text-encoder": ({"rank": 4, "train_text_encoder": True}, "LoRA rank 4 + text-encoder LoRA"),
     "lora-r4-nf4": ({"rank": 4, "quantize_base": "nf4", "mixed_precision": "bf16"}, "QLoRA rank 4 (nf4 base)"),
     "full": ({"method": "full", "learning_rate": 1e-4}, "full fine-tuning"),
+    # Issue 20's rows: other optimizers, an average of the weights, other adapters, a learned identifier.
+    "lora-r4-prodigy": ({"rank": 4, "optimizer": "prodigy", "learning_rate": 1.0}, "LoRA rank 4, Prodigy (lr 1.0)"),
+    "lora-r4-ema": ({"rank": 4, "use_ema": True}, "LoRA rank 4 + EMA of the weights (decay 0.995)"),
+    "lokr-r4": ({"adapter_type": "lokr", "rank": 4}, "LoKr rank 4"),
+    "loha-r4": ({"adapter_type": "loha", "rank": 4}, "LoHa rank 4"),
+    "lora-r4-pivotal": (
+        {"rank": 4, "train_token": "sks", "init_token": "toy"},
+        "LoRA rank 4 + pivotal tuning (sks a new token, started at toy)",
+    ),
 }
 RECOMMENDED = "lora-r8-mlp-long"
 BASELINES = {
@@ -172,7 +181,9 @@ def evaluate_subject(subject: str, names: list[str], runs: dict, other: str, wor
     from lora_db.synthetic.subjects import SUBJECTS
 
     photos, describe = work / subject / "photos", SUBJECTS[subject].describe_prompt
-    plain = [n for n in names if n not in ("full", "lora-r4-nf4")]
+    # LoKr and LoHa rows: peft puts one adapter kind into a layer, so each is scored in an eval of its own.
+    apart = [n for n in names if CONFIGS[n][0].get("adapter_type", "lora") != "lora"]
+    plain = [n for n in names if n not in ("full", "lora-r4-nf4", *apart)]
     other_adapter = work / subject / "other-subject.safetensors"
     shutil.copyfile(runs[other][RECOMMENDED]["output"], other_adapter)
     result = run_eval(work / subject / "eval", photos, args, describe, [runs[subject][n]["output"] for n in plain]
@@ -189,6 +200,9 @@ def evaluate_subject(subject: str, names: list[str], runs: dict, other: str, wor
         "other_subject": other,
     }
     out |= {n: scores(rows[n]) for n in plain}
+    for name in apart:
+        own = run_eval(work / subject / f"eval-{name}", photos, args, describe, [runs[subject][name]["output"]])
+        out[name] = scores(own.rows[1])
     if "lora-r4-nf4" in names:
         nf4 = run_eval(work / subject / "eval-nf4", photos, args, describe, [runs[subject]["lora-r4-nf4"]["output"]],
                        quantize="nf4")  # fmt: skip
@@ -296,7 +310,8 @@ def chart(results: dict):
         colour = (200, 60, 40) if key in CONFIGS else (120, 120, 120)
         stats = row["judge"]
         draw.text((20, y + 4), labels[key], font=font, fill="black")
-        draw.rectangle((x(0), y + 6, x(stats["mean"]), y + 20), fill=colour)
+        left_end, right_end = sorted((x(0), x(stats["mean"])))  # a negative mean draws left of zero
+        draw.rectangle((left_end, y + 6, right_end, y + 20), fill=colour)
         draw.line((x(stats["min"]), y + 13, x(stats["max"]), y + 13), fill="black", width=2)
         draw.text((x(max(stats["max"], stats["mean"])) + 6, y + 4), f"{stats['mean']:.3f}", font=font, fill="black")
     return image

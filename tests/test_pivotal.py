@@ -100,6 +100,13 @@ def test_hot_swap_and_merge_reproduce_the_trained_model(pivotal, pristine, tmp_p
     np.testing.assert_allclose(np.load(tmp_path / "stock.npy"), expected, rtol=0, atol=MERGE_ATOL)
 
 
+def test_info_lists_the_token(pivotal, monkeypatch, capsys):
+    from lora_helpers import run_cli
+
+    code, out, _ = run_cli(monkeypatch, capsys, "info", pivotal[1])
+    assert code == 0 and "tokens        sks (pivotal tuning: their embeddings)" in out
+
+
 def test_export_keeps_the_token_beside_the_peft_folders(pivotal, tmp_path):
     _, path, _, _ = pivotal
     export_peft(path, tmp_path / "peft")

@@ -179,6 +179,8 @@ def info_lines(info: dict) -> list[str]:
             + f"{part['layers']} layers ({printable(', '.join(part['target_modules']))}), "
             f"{part['parameters']:,} parameters"
         )
+    if info.get("tokens"):
+        lines.append(f"tokens        {printable(', '.join(info['tokens']))} (pivotal tuning: their embeddings)")
     version = f", lora-db {printable(v)}" if (v := info["lora_db_version"]) else ""
     lines.append(f"parameters    {info['parameters']:,}{version}")
     if "run" in info:
