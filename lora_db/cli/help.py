@@ -50,10 +50,15 @@ HELP_ALL_OPTION = typer.Option(
 
 
 class _Wrapper(textwrap.TextWrapper):
-    """Lines break at spaces and after a slash (`--instance-dir/--class-dir` lists), never at a hyphen (a default
-    such as `thu-ml/unidiffuser-v1` keeps `thu-ml` whole); a word wider than the line is cut, the last resort."""
+    """Lines break at spaces, never at a hyphen or inside a default such as `thu-ml/unidiffuser-v1`; a word wider
+    than the line breaks after its slashes (`--instance-dir/--class-dir` lists), and is cut only as a last resort."""
 
-    wordsep_simple_re = re.compile(r"(\s+|(?<=/)(?=\S))")
+    def _split(self, text: str) -> list[str]:
+        return [
+            piece
+            for chunk in super()._split(text)
+            for piece in (re.split(r"(?<=/)(?=\S)", chunk) if len(chunk) > self.width else [chunk])
+        ]
 
 
 def _wrapped(text: str, width: int) -> list[str]:
