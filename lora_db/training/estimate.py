@@ -322,7 +322,7 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
     if config.optimizer == "prodigy":
         notes.append(
             "Prodigy counted with a copy of every trained weight's start; it keeps a scalar for weights that start "
-            "at zero (LoRA's B matrices), so the optimizer column is high by their size"
+            "at zero (LoRA's B, LoKr's w1, LoHa's w2_b), so the optimizer column is high by their size"
         )
     if config.use_ema:
         notes.append("the optimizer column includes --use-ema's average, an fp32 copy of every trained weight")
