@@ -62,21 +62,8 @@ def compile_uvit_blocks(unet: nn.Module) -> int:
     graph break is an error instead of a silent return to eager mode. Returns blocks compiled."""
     blocks = uvit_blocks(unet)
     for block in blocks:
-        if not hasattr(block, "_lora_db_ran_compiled"):
-            block.register_forward_pre_hook(_note_compiled)
-        block._lora_db_ran_compiled = None
         block.compile(fullgraph=True)
     return len(blocks)
-
-
-def _note_compiled(block: nn.Module, args) -> None:
-    # Traced into a compiled block (the assignment is replayed with True), run as Python by an eager one.
-    block._lora_db_ran_compiled = torch.compiler.is_compiling()
-
-
-def uvit_blocks_ran_compiled(unet: nn.Module) -> bool:
-    """Whether every block's last call ran its compiled code (dynamo can fall back to eager without an error)."""
-    return all(getattr(block, "_lora_db_ran_compiled", None) is True for block in uvit_blocks(unet))
 
 
 def eager_calls():
