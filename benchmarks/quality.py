@@ -39,7 +39,8 @@ RECONTEXT = "a photo of sks toy on the beach"
 CLASS = "a photo of a toy"
 # name -> (options of TrainConfig, what the row shows)
 MLP_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-LONG = {"max_train_steps": 1200, "learning_rate": 2e-3}  # overrides --steps and --learning-rate for the row
+LONG = {"max_train_steps": 1200, "learning_rate": 2e-3}  # the row's own steps and --learning-rate
+DEFAULT_STEPS = 400  # rows that name no steps of their own
 CONFIGS = {
     "lora-r4": ({"rank": 4}, "LoRA rank 4"),
     "lora-r1": ({"rank": 1}, "LoRA rank 1"),
@@ -95,13 +96,15 @@ def train_run(name: str, subject: str, photos: Path, work: Path, args) -> dict:
         "instance_dir": photos,
         "instance_prompt": SUBJECT,
         "output_dir": work / subject / name,
-        "max_train_steps": args.steps,
+        "max_train_steps": DEFAULT_STEPS,
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "overwrite": True,
         "report_to": "none",
         **options,
     }
+    if args.steps is not None:  # a given --steps shortens every row, the long ones included (a quick check)
+        values["max_train_steps"] = args.steps
     if prior:
         values |= {"class_prompt": CLASS, "class_dir": work / "class", "num_class_images": args.class_images}
     started = time.perf_counter()
@@ -321,7 +324,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names: " + ", ".join(CONFIGS))
     parser.add_argument("--subjects", default=None, help="comma-separated subject names (default: the held-out set)")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"every row's steps (default: the row's own, else {DEFAULT_STEPS})"
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA rows (full FT sets its own)")
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--inference-steps", type=int, default=20)
@@ -364,7 +369,8 @@ def main() -> None:
         for i, subject in enumerate(subjects)
     }
     settings = (
-        f"{args.steps} steps at LoRA lr {args.learning_rate:g} where a row names no steps and lr of its own, "
+        (f"{args.steps} steps for every row, " if args.steps else f"{DEFAULT_STEPS} steps where a row names none, ")
+        + f"LoRA lr {args.learning_rate:g} where a row names none, "
         f"{args.num_images} samples per prompt, "
         f"{args.inference_steps} denoising steps, guidance {args.guidance_scale:g}, seed {args.seed}, "
         f"torch {torch.__version__}, "

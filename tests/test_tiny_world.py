@@ -221,22 +221,23 @@ def run_benchmark(name: str, args: str, out, work, monkeypatch) -> None:
 @pytest.mark.slow
 def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, one_thread):
     args = (
-        "--subjects heart,arrow --configs lora-r4,lora-r4-prior,full --steps 2 --num-images 2 --inference-steps 2 "
+        "--subjects heart,arrow --configs lora-r8-mlp-long,lora-r4-prior,full --steps 2 --num-images 2 --inference-steps 2 "
         "--class-images 2"
     )
     run_benchmark("quality", args, tmp_path, tmp_path, monkeypatch)
     results = json.loads((tmp_path / "quality.json").read_text())
+    recommended = "lora-r8-mlp-long"
     assert results["subjects"] == ["heart", "arrow"] and results["configurations"] == [
-        "lora-r4",
+        recommended,
         "lora-r4-prior",
         "full",
     ]
     rows = results["summary"]["rows"]
-    assert list(rows) == ["lora-r4", "lora-r4-prior", "full", "base", "describe", "other", "photos", "ceiling"]
-    assert rows["full"]["trainable_parameters"] > 10 * rows["lora-r4"]["trainable_parameters"]
+    assert list(rows) == [recommended, "lora-r4-prior", "full", "base", "describe", "other", "photos", "ceiling"]
+    assert rows["full"]["trainable_parameters"] > 10 * rows[recommended]["trainable_parameters"]
     for subject, scores in results["per_subject"].items():
         assert scores["other_subject"] != subject  # (c) is another subject's adapter
-        for key in ("lora-r4", "full", "base", "describe", "other", "photos", "ceiling"):
+        for key in (recommended, "full", "base", "describe", "other", "photos", "ceiling"):
             assert -1 <= scores[key]["judge"] <= 1 and -1 <= scores[key]["pixel"] <= 1, (subject, key)
         assert scores["base"]["prior_similarity"] == pytest.approx(1.0)
     margins = results["summary"]["margins"]
