@@ -221,8 +221,8 @@ def run_benchmark(name: str, args: str, out, work, monkeypatch) -> None:
 @pytest.mark.slow
 def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, one_thread):
     args = (
-        "--subjects heart,arrow --configs lora-r8-mlp-long,lora-r4-prior,full --steps 2 --num-images 2 --inference-steps 2 "
-        "--class-images 2"
+        "--subjects heart,arrow --configs lora-r8-mlp-long,lora-r4-prior,full --steps 2 --num-images 2 "
+        "--inference-steps 2 --class-images 2"
     )
     run_benchmark("quality", args, tmp_path, tmp_path, monkeypatch)
     results = json.loads((tmp_path / "quality.json").read_text())
