@@ -69,6 +69,12 @@ CONFIGS = {
     ),
 }
 RECOMMENDED = "lora-r8-mlp-long"
+# Rows whose adapter can stand in for (c): LoRA without a learned token, loaded in one eval beside the subject's own
+OTHER_FROM = [
+    name
+    for name, (options, _) in CONFIGS.items()
+    if name not in ("full", "lora-r4-nf4") and not {"adapter_type", "train_token"} & set(options)
+]
 BASELINES = {
     "base": "(a) base model, subject prompt",
     "describe": "(b) base model, describing prompt",
@@ -180,7 +186,9 @@ def class_similarity(base_eval: Path, other_eval: Path, num_images: int, seed: i
 
 
 def evaluate_subject(subject: str, names: list[str], runs: dict, other: str, work: Path, args) -> dict:
-    """Every configuration's scores on one subject, and its baselines (a)-(c), photos and ceiling."""
+    """Every configuration's scores on one subject, and its baselines (a)-(c), photos and ceiling.
+
+    (c) is the --other-from configuration's adapter of the subject `other`."""
     from lora_db.synthetic.subjects import SUBJECTS
 
     photos, describe = work / subject / "photos", SUBJECTS[subject].describe_prompt
@@ -188,7 +196,7 @@ def evaluate_subject(subject: str, names: list[str], runs: dict, other: str, wor
     apart = [n for n in names if CONFIGS[n][0].get("adapter_type", "lora") != "lora"]
     plain = [n for n in names if n not in ("full", "lora-r4-nf4", *apart)]
     other_adapter = work / subject / "other-subject.safetensors"
-    shutil.copyfile(runs[other][RECOMMENDED]["output"], other_adapter)
+    shutil.copyfile(runs[other][args.other_from]["output"], other_adapter)
     result = run_eval(work / subject / "eval", photos, args, describe, [runs[subject][n]["output"] for n in plain]
                       + [str(other_adapter)])  # fmt: skip
     rows = {row["label"]: row for row in result.rows}
@@ -229,6 +237,16 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def margins_over_baselines(per_subject: dict, name: str) -> dict:
+    """Row `name` minus each baseline, subject by subject: the spread of the gaps and how many are above zero."""
+    margins = {}
+    for baseline in BASELINES:
+        for metric in ("judge", "pixel"):
+            gaps = [scores[name][metric] - scores[baseline][metric] for scores in per_subject.values()]
+            margins[f"{baseline}/{metric}"] = spread(gaps) | {"above": sum(g > 0 for g in gaps)}
+    return margins
+
+
 def summarise(per_subject: dict, names: list[str], runs: dict) -> dict:
     subjects = list(per_subject)
     rows = {}
@@ -238,13 +256,8 @@ def summarise(per_subject: dict, names: list[str], runs: dict) -> dict:
         if key in names:
             rows[key]["train_s"] = statistics.fmean(runs[s][key]["train_s"] for s in subjects)
             rows[key]["trainable_parameters"] = runs[subjects[0]][key]["trainable_parameters"]
-    margins = {}
-    if RECOMMENDED in names:
-        for baseline in BASELINES:
-            for metric in ("judge", "pixel"):
-                gaps = [per_subject[s][RECOMMENDED][metric] - per_subject[s][baseline][metric] for s in subjects]
-                margins[f"{baseline}/{metric}"] = spread(gaps) | {"above": sum(g > 0 for g in gaps)}
-    return {"rows": rows, "margins": margins}
+    row_margins = {name: margins_over_baselines(per_subject, name) for name in names}
+    return {"rows": rows, "margins": row_margins.get(RECOMMENDED, {}), "row_margins": row_margins}
 
 
 def _cell(stats: dict) -> str:
@@ -284,8 +297,28 @@ def markdown(results: dict) -> str:
                 f"| {label} | {j['mean']:+.3f} | {j['min']:+.3f} | {j['above']}/{n} | {p['mean']:+.3f} | "
                 f"{p['min']:+.3f} | {p['above']}/{n} |"
             )
+    if len(summary["row_margins"]) > 1:
+        lines += ["", *margins_table(summary["row_margins"], n)]
     lines += ["", f"{results['settings']}. Command: `{results['command']}`."]
     return "\n".join(lines) + "\n"
+
+
+def margins_table(row_margins: dict, n: int) -> list[str]:
+    """Every row's mean margin over (a)-(c), judge then pixel, with the subjects above each baseline."""
+    lines = [
+        "Every row's margins over the baselines: mean of (row minus baseline) per subject, (subjects above):",
+        "",
+        "| row | judge - (a) | judge - (b) | judge - (c) | pixel - (a) | pixel - (b) | pixel - (c) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, margins in row_margins.items():
+        cells = [
+            f"{margins[f'{b}/{m}']['mean']:+.3f} ({margins[f'{b}/{m}']['above']}/{n})"
+            for m in ("judge", "pixel")
+            for b in BASELINES
+        ]
+        lines.append(f"| {CONFIGS[name][1]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def chart(results: dict):
@@ -333,6 +366,13 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="3 suits tiny-world; eval's default is 8")
     parser.add_argument("--class-images", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--other-from",
+        default=RECOMMENDED,
+        choices=OTHER_FROM,
+        help=f"baseline (c): this configuration's adapter of the next subject, trained even when --configs "
+        f"leaves it out (default {RECOMMENDED})",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="quality")
@@ -342,8 +382,8 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]}; choose from {', '.join(CONFIGS)}")
-    if RECOMMENDED not in names:
-        names.insert(0, RECOMMENDED)  # (c) needs another subject's recommended adapter
+    if args.other_from not in names:
+        names.insert(0, args.other_from)  # (c) needs another subject's adapter of this configuration
 
     import tempfile
 
@@ -372,6 +412,7 @@ def main() -> None:
         (f"{args.steps} steps for every row, " if args.steps else f"{DEFAULT_STEPS} steps where a row names none, ")
         + f"LoRA lr {args.learning_rate:g} where a row names none, "
         f"{args.num_images} samples per prompt, "
+        f"(c) the next subject's {args.other_from} adapter, "
         f"{args.inference_steps} denoising steps, guidance {args.guidance_scale:g}, seed {args.seed}, "
         f"torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s), "

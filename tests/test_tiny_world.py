@@ -248,6 +248,26 @@ def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, on
 
 
 @pytest.mark.slow
+def test_quality_benchmark_takes_baseline_c_from_the_row_given(tmp_path, monkeypatch, one_thread):
+    """--other-from lora-r4: (c) is the next subject's rank-4 adapter and the 1200-step row is not trained."""
+    args = "--subjects heart,arrow --configs lora-r4 --other-from lora-r4 --steps 2 --num-images 2 --inference-steps 2"
+    run_benchmark("quality", args, tmp_path, tmp_path, monkeypatch)
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert results["configurations"] == ["lora-r4"]
+    assert not (tmp_path / "heart" / "lora-r8-mlp-long").exists()
+    for subject, other in (("heart", "arrow"), ("arrow", "heart")):
+        copied = (tmp_path / subject / "other-subject.safetensors").read_bytes()
+        assert copied == (tmp_path / other / "lora-r4" / "adapter.safetensors").read_bytes()
+    margins = results["summary"]["row_margins"]["lora-r4"]
+    heart, arrow = results["per_subject"]["heart"], results["per_subject"]["arrow"]
+    gaps = [s["lora-r4"]["judge"] - s["other"]["judge"] for s in (heart, arrow)]
+    assert margins["other/judge"]["mean"] == pytest.approx(sum(gaps) / 2)
+    assert results["summary"]["margins"] == {}  # the recommended row's own table needs that row
+    text = (tmp_path / "quality.md").read_text()
+    assert "(c) the next subject's lora-r4 adapter" in text
+
+
+@pytest.mark.slow
 def test_qlora_quality_benchmark_scores_each_adapter_on_both_bases(tmp_path, monkeypatch, one_thread):
     args = "--seeds 0,1 --kinds bf16,nf4 --steps 3 --num-images 1 --inference-steps 2"
     run_benchmark("qlora_quality", args, tmp_path, tmp_path / "w", monkeypatch)
