@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MiB = 2**20
+STEPS = 3  # a few steps: the peak comes from encoding and holding the images, not from training
 
 
 def make_photos(folder: Path, count: int) -> None:
@@ -65,7 +66,7 @@ def child(photos: Path, output: Path, mode: str, cache: Path) -> None:
             instance_dir=photos,
             instance_prompt="a photo of sks toy",
             output_dir=output,
-            max_train_steps=3,
+            max_train_steps=STEPS,
             learning_rate=1e-4,
             **options,
         )
@@ -83,6 +84,20 @@ def measure(photos: Path, mode: str, cache: Path, scratch: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{mode} on {photos} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    """What the peaks were measured with: torch, the processor, the malloc setting, the CPUs this process may use."""
+    import os
+    import platform
+
+    import torch
+
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc's default")
+    return (
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"MALLOC_MMAP_THRESHOLD_ {threshold}, {len(os.sched_getaffinity(0))} CPU(s) allowed, {STEPS} steps a run"
+    )
 
 
 def main() -> None:
@@ -114,6 +129,8 @@ def main() -> None:
             f"| {row['images']:,} | {row['option']} | {row['peak_bytes'] / MiB:.0f} | {row['run_s']:.1f} | "
             f"{row['written']:,} | {row['reused']:,} |"
         )
+    command = " ".join(["python benchmarks/latent_cache.py", *sys.argv[1:]])
+    lines += ["", f"{machine()}. Command: `{command}`."]
     (args.out / "latent_cache.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
