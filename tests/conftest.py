@@ -8,6 +8,23 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2`: one thread per worker (and per process a test starts), so two workers share two cores
+    # instead of four threads spinning on them; the tiny models gain nothing from a second thread.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+# The modules that take longest, started first under `pytest -n 2 --dist loadfile`, so that neither worker is left
+# with one of them at the end while the other has nothing to do (measured: tests/test_tiny_world.py alone takes
+# about 5 minutes of one core).
+LONGEST_FIRST = ("test_tiny_world.py", "test_docs.py", "test_cli.py", "test_ui.py", "test_robustness.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module stays in order
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from processes import run
 
@@ -13,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 CONFIGS = ("full-fp32-adamw", "lora-fp16", "lora-bf16-ckpt-8bit-cached")
 
 
+@pytest.mark.slow
 def test_memory_benchmark_writes_table_chart_and_rows(tmp_path):
     command = [sys.executable, str(SCRIPT), "--models", "tiny", "--configs", ",".join(CONFIGS)]
     result = run([*command, "--out", str(tmp_path), "--name", "smoke", "--images", "2"], timeout=600)

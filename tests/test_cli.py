@@ -36,6 +36,7 @@ def error_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_train_command_end_to_end(instance_dir, tmp_path):
     out = tmp_path / "out"
     result = run_cli(
@@ -58,6 +59,7 @@ def test_train_command_end_to_end(instance_dir, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_config_file_and_command_line(instance_dir, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(f'model = "tiny"\ninstance-dir = "{instance_dir}"\ninstance-prompt = "sks"\nrank = 2\n')
@@ -112,12 +114,14 @@ def test_usage_errors_keep_exit_code_2(tmp_path):
     assert run_cli("train", "--mixed-precision", "fp8").returncode == 2
 
 
+@pytest.mark.slow
 def test_hub_model_out_of_reach_explains_how_to_use_a_local_copy(instance_dir, tmp_path):
     env_result = run_cli(*train_args(instance_dir, tmp_path / "out", "--model", "thu-ml/unidiffuser-v1"), check=1)
     line = error_line(env_result)
     assert "thu-ml/unidiffuser-v1" in line and "--model DIR" in line
 
 
+@pytest.mark.slow
 def test_hub_out_of_network_reach_is_one_line_at_once(instance_dir, tmp_path):
     env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
     env |= {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf-home")}
@@ -130,6 +134,7 @@ def test_hub_out_of_network_reach_is_one_line_at_once(instance_dir, tmp_path):
     assert "--model DIR" in line
 
 
+@pytest.mark.slow
 def test_a_cached_hub_model_trains_and_estimates_when_the_hub_is_out_of_reach(instance_dir, tmp_path):
     """A hub id whose snapshot is in the local Hugging Face cache (tiny-world, as acme/tiny-world) loads from the
     cache, with one warning, when the hub does not answer."""
@@ -156,6 +161,7 @@ def test_a_cached_hub_model_trains_and_estimates_when_the_hub_is_out_of_reach(in
     assert "peak of the step" in estimate.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(instance_dir, tmp_path):
     steps = ["--max-train-steps", "120", "--lora-dropout", "0.1"]
     reference = tmp_path / "reference"
@@ -192,6 +198,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_run(instance_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

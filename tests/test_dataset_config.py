@@ -115,6 +115,7 @@ def test_repeats_captions_weights_and_class_images_reach_the_loss(concepts, tmp_
     assert (concepts.parent / "class").is_dir()
 
 
+@pytest.mark.slow
 def test_one_concept_in_a_file_trains_as_the_options_do_and_its_weight_scales_the_loss(tmp_path, tiny_config):
     folder = tiny_config().instance_dir
     path = tmp_path / "one.toml"
@@ -131,6 +132,7 @@ def test_one_concept_in_a_file_trains_as_the_options_do_and_its_weight_scales_th
     assert micro_batch_loss(run, 0).item() == pytest.approx(2 * shorthand[0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_config_json_and_model_card_know_the_concepts(concepts, tmp_path):
     options = {
         "model": "tiny",

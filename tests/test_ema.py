@@ -113,6 +113,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, one_thre
         train(tiny_config(output_dir=full, resume_from_checkpoint=str(full / "checkpoint-3"), max_train_steps=6))
 
 
+@pytest.mark.slow
 def test_estimate_counts_the_average(one_thread):
     from lora_db.training.estimate import estimate_memory
 

@@ -93,6 +93,7 @@ def test_full_fine_tuning_pays_for_every_unet_weight(lora):
     assert estimate.peak_bytes > lora_estimate.peak_bytes
 
 
+@pytest.mark.slow
 def test_the_shipped_tiny_world_is_estimated_from_its_folder(monkeypatch):
     """`--model tiny-world` names the folder in the package, for the estimate as for training: no hub lookup."""
     import lora_db.models.loading
@@ -108,6 +109,7 @@ def test_the_shipped_tiny_world_is_estimated_from_its_folder(monkeypatch):
     assert named.resolution == 64  # tiny-world's own, not a default
 
 
+@pytest.mark.slow
 def test_cached_latents_release_the_encoders():
     estimate = estimate_memory(TrainConfig(model="tiny", cache_latents=True), device="cpu")
     for name in ("vae", "image_encoder", "text_encoder"):
@@ -120,6 +122,7 @@ def test_cached_latents_release_the_encoders():
     assert text_encoder.resident and text_encoder.gradients > 0 and text_encoder.saved_activations > 0
 
 
+@pytest.mark.slow
 def test_bf16_halves_frozen_weights_and_keeps_lora_in_fp32(lora):
     _, fp32 = lora
     bf16 = estimate_memory(TrainConfig(model="tiny", mixed_precision="bf16"), device="cpu")
@@ -127,6 +130,7 @@ def test_bf16_halves_frozen_weights_and_keeps_lora_in_fp32(lora):
     assert bf16.components["unet"].gradients == fp32.components["unet"].gradients
 
 
+@pytest.mark.slow
 def test_prior_preservation_doubles_the_batch(lora, tmp_path):
     from lora_db.synthetic.demo import make_demo_images
 
@@ -138,6 +142,7 @@ def test_prior_preservation_doubles_the_batch(lora, tmp_path):
     assert estimate.components["unet"].saved_activations > alone.components["unet"].saved_activations
 
 
+@pytest.mark.slow
 def test_cuda_estimate_adds_the_context_and_foreach_adam():
     cpu = estimate_memory(TrainConfig(model="tiny", method="full"), device="cpu")
     cuda = estimate_memory(TrainConfig(model="tiny", method="full"), device="cuda")
@@ -168,6 +173,7 @@ def run_cli(*args):
     return run(command, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_breakdown_and_verdict():
     result = run_cli("--model", "tiny", "--cache-latents", "--gpu-memory", "1GB")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -175,6 +181,7 @@ def test_cli_prints_the_breakdown_and_verdict():
         assert text in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_values():
     usage = run_cli("--model", "tiny", "--gpu-memory", "lots")
     assert usage.returncode == 2 and "not a memory size" in usage.stderr

@@ -25,6 +25,7 @@ def test_a_second_traced_step_keeps_no_activation_of_the_first(monkeypatch, quan
     assert two_steps.components["unet"].saved_activations > 0
 
 
+@pytest.mark.slow
 def test_a_cpu_estimate_adds_the_kernels_buffers_and_a_cuda_one_does_not():
     """One fp32 copy of the U-ViT's feed-forward hidden activation per example, and oneDNN's reduced-precision
     kernels with bf16 weights: what benchmarks/memory.py measured beyond the trace at two model sizes."""

@@ -39,6 +39,7 @@ def test_a_run_trains_as_with_cached_latents_and_the_next_one_reads_them_back(ti
         assert {p.device.type for p in getattr(run.models.pipe, name).parameters()} == {"meta"}, name
 
 
+@pytest.mark.slow
 def test_another_dtype_or_an_edited_photo_is_encoded_anew(tiny_config, tmp_path):
     photos = tmp_path / "photos"
     shutil.copytree(tiny_config().instance_dir, photos)
@@ -57,6 +58,7 @@ def test_another_dtype_or_an_edited_photo_is_encoded_anew(tiny_config, tmp_path)
     assert len({f.parent for f in cached_files(cache)}) == 2  # bf16 encodings are other encodings
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_the_cache_may_move(tiny_config, tmp_path):
     options = {"max_train_steps": 6, "checkpointing_steps": 3, "cache_latents_dir": tmp_path / "cache"}
     moved = {"cache_latents_dir": tmp_path / "elsewhere"}  # the resumed half reads its encodings elsewhere
@@ -88,6 +90,7 @@ def test_impossible_combinations_are_refused(tmp_path, options, message):
         TrainConfig(model="tiny", cache_latents_dir=tmp_path, **options)
 
 
+@pytest.mark.slow
 def test_estimate_holds_one_batch_whatever_the_image_count(tmp_path):
     from lora_db.synthetic.demo import make_demo_images
     from lora_db.training.estimate import estimate_memory

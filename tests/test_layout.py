@@ -135,6 +135,7 @@ def test_no_package_name_hides_one_of_its_modules():
             assert getattr(package, info.name) is module, f"{package.__name__}.{info.name} is not the module"
 
 
+@pytest.mark.slow
 def test_the_python_api_runs_a_whole_workflow_on_the_tiny_model(tmp_path, one_thread):
     """README's notebook example: photos, train, sample, merge, evaluate and estimate from `import lora_db`."""
     from diffusers import UniDiffuserPipeline

@@ -244,6 +244,7 @@ def test_push_to_hub_without_a_token(instance_dir, tmp_path):
     assert "no Hugging Face token is set; run `hf auth login` or set HF_TOKEN" in line
 
 
+@pytest.mark.slow
 def test_push_to_hub_with_the_hub_out_of_reach(instance_dir, tmp_path):
     line = push_to_hub(instance_dir, tmp_path, HF_TOKEN="hf_test", HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
     assert "cannot reach the Hugging Face hub" in line and "upload the run later with `hf upload`" in line

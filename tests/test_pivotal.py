@@ -78,6 +78,7 @@ def test_the_adapter_holds_the_learned_token_and_the_vocabulary_is_untouched(piv
     assert adapter.num_parameters() == sum(p.numel() for p in run.trainable_parameters)
 
 
+@pytest.mark.slow
 def test_hot_swap_and_merge_reproduce_the_trained_model(pivotal, pristine, tmp_path):
     run, path, _, _ = pivotal
     expected = t2i(run.models.pipe)

@@ -316,6 +316,7 @@ def test_eval_on_a_quantized_base_samples_as_sampling_on_it_does(qlora_adapter, 
     assert not np.array_equal(outputs["none"], expected)
 
 
+@pytest.mark.slow
 def test_estimate_counts_packed_weights_and_constants_as_training_holds_them(tiny_config):
     from lora_db.training.estimate import estimate_memory
 

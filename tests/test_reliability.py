@@ -623,6 +623,7 @@ def test_an_adapter_from_another_base_model_gets_one_warning(caplog):
     assert caplog.text == ""
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_under_the_tracker_is_one_error_line(small_disk, instance_dir):
     """tensorboard writes its event files from a thread of its own: the CLI still shows no traceback."""
     import sys

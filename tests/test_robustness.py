@@ -34,6 +34,7 @@ def assert_everything_loadable(output_dir):
         read_adapter(output_dir / "adapter.safetensors")
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_matches_the_uninterrupted_run(instance_dir, tmp_path, tiny_config):
     steps = 14
     reference = tmp_path / "reference"
@@ -78,6 +79,7 @@ def test_divergence_stops_at_once_and_keeps_no_checkpoint_of_diverged_weights(ti
     assert not (config.output_dir / "adapter.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("code", "fragment"), [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")])
 def test_full_or_read_only_disk_keeps_the_previous_files(tiny_config, monkeypatch, code, fragment):
     config = tiny_config(max_train_steps=2, checkpointing_steps=2)
