@@ -44,6 +44,7 @@ CPU_STEPS = {"tiny": (2, 5), "random:small": (1, 3), "random:unidiffuser-v1": (1
 GPU_STEPS = (3, 5)
 FALLBACK_BASELINE = GiB  # resident set of a process with torch, diffusers and transformers imported
 POLL_S = 0.5
+STARTED = time.perf_counter()
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ CONFIGURATIONS = (
         "lora-bf16-ckpt-8bit-cached-int8",
         "+ 8-bit frozen U-ViT (LLM.int8())",
         {**_LORA_BASE, "cache_latents": True, "quantize_base": "int8"},
+    ),
+    Configuration(
+        "lora-bf16-ckpt-8bit-cached-compile",
+        "+ --compile (torch.compile of the U-ViT blocks)",
+        {**_LORA_BASE, "cache_latents": True, "compile": True},
     ),
     Configuration(
         "lora-bf16-ckpt-8bit-cached-xformers",
@@ -151,6 +157,7 @@ def run_child(spec_path: Path) -> None:
         step_times_s=[m["step_time_s"] for m in metrics],
         trainable_parameters=summary["trainable_parameters"],
         adapter_bytes=sum(p.stat().st_size for p in [output, *output.rglob("*")] if p.is_file()),
+        compile=summary.get("compile"),
     )
     Path(spec["result_path"]).write_text(json.dumps(result))
 
@@ -304,10 +311,10 @@ def compare(row: dict) -> None:
     else:
         # The process peak minus the process before any model: tensors plus allocator overhead.
         measured = row["peak_memory_bytes"] - row["baseline_rss_bytes"]
-        predicted = est["peak_bytes"]
+        predicted = est["peak_bytes"] + est.get("process_bytes", 0)  # kernels' own buffers, as measured
         grown = row["peak_memory_bytes"] - row["setup_memory_bytes"]
         row["growth_bytes"] = grown
-        row["estimated_growth_bytes"] = est["peak_bytes"] - est["setup_bytes"]
+        row["estimated_growth_bytes"] = predicted - est["setup_bytes"]
     row["measured_bytes"] = measured
     row["estimate_error"] = (predicted - measured) / measured
 
@@ -331,9 +338,14 @@ def benchmark_model(model: str, configs: list[Configuration], data: dict, work: 
             continue
         row["status"] = "pending"
         plans.append((row["estimate"]["peak_bytes"], conf, config, row))
-    # Cheapest first: the larger runs' safety margin is then calibrated on this run's own measurements.
+    # On a CPU cheapest first: the larger runs' safety margin is then calibrated on this run's own measurements. A
+    # GPU takes them in the order given, most wanted first, for --budget-s.
     worst_ratio, baseline = 1.0, FALLBACK_BASELINE
-    for predicted, conf, config, row in sorted(plans, key=lambda plan: plan[0]):
+    for predicted, conf, config, row in plans if on_gpu else sorted(plans, key=lambda plan: plan[0]):
+        if args.budget_s and time.perf_counter() - STARTED > args.budget_s:
+            row["status"] = f"skipped: the run's time budget ({args.budget_s:.0f} s, --budget-s) was spent"
+            save()
+            continue
         expected = int(predicted * worst_ratio) + baseline
         room = min(limit, _meminfo("MemAvailable") - GiB) if not on_gpu else limit
         if not on_gpu and expected > room:
@@ -436,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=5, help="instance (and class) demo photos")
     parser.add_argument("--limit-gib", type=float, default=18.0, help="skip CPU rows expected above this")
     parser.add_argument("--stop-gib", type=float, default=20.0, help="stop a child whose resident set passes this")
+    parser.add_argument("--budget-s", type=float, default=0, help="start no row after this many seconds (0: none)")
     parser.add_argument(
         "--glibc-malloc", action="store_true", help="measure with glibc's default malloc, which keeps freed memory"
     )
