@@ -102,7 +102,7 @@ def _table_row(row: dict, reference: dict | None) -> str:
             f"{row['trainable_parameters']:,}",
             size(row["adapter_bytes"]),
             measured,
-            size(est["peak_bytes"] + est.get("process_bytes", 0)),
+            size(row.get("predicted_bytes", est["peak_bytes"] + est.get("process_bytes", 0))),
             f"{row['estimate_error']:+.1%}",
             growth,
             f"{row['step_time_s']:.2f}",
