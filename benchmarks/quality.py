@@ -298,7 +298,7 @@ def markdown(results: dict) -> str:
                 f"{p['min']:+.3f} | {p['above']}/{n} |"
             )
     if len(summary["row_margins"]) > 1:
-        lines += ["", *margins_table(summary["row_margins"], n)]
+        lines += ["", *margins_table(summary["row_margins"], n), "", *against_first_row(results)]
     lines += ["", f"{results['settings']}. Command: `{results['command']}`."]
     return "\n".join(lines) + "\n"
 
@@ -317,6 +317,26 @@ def margins_table(row_margins: dict, n: int) -> list[str]:
             for m in ("judge", "pixel")
             for b in BASELINES
         ]
+        lines.append(f"| {CONFIGS[name][1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def against_first_row(results: dict) -> list[str]:
+    """Each other row minus the first configured one, subject by subject: what a variant changes, paired."""
+    first, *others = results["configurations"]
+    n, metrics = len(results["subjects"]), ("judge", "pixel", "judge_recontext", "prior_similarity")
+    lines = [
+        f"Each row minus {CONFIGS[first][1]}, per subject: mean (min to max, subjects above):",
+        "",
+        "| row | judge | pixel | judge, on the beach | prior similarity |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in others:
+        cells = []
+        for metric in metrics:
+            gaps = [scores[name][metric] - scores[first][metric] for scores in results["per_subject"].values()]
+            above = sum(g > 0 for g in gaps)
+            cells.append(f"{statistics.fmean(gaps):+.3f} ({min(gaps):+.3f} to {max(gaps):+.3f}, {above}/{n})")
         lines.append(f"| {CONFIGS[name][1]} | " + " | ".join(cells) + " |")
     return lines
 

@@ -249,22 +249,30 @@ def test_quality_benchmark_writes_table_chart_and_rows(tmp_path, monkeypatch, on
 
 @pytest.mark.slow
 def test_quality_benchmark_takes_baseline_c_from_the_row_given(tmp_path, monkeypatch, one_thread):
-    """--other-from lora-r4: (c) is the next subject's rank-4 adapter and the 1200-step row is not trained."""
-    args = "--subjects heart,arrow --configs lora-r4 --other-from lora-r4 --steps 2 --num-images 2 --inference-steps 2"
+    """--other-from lora-r4: (c) is the next subject's rank-4 adapter and the 1200-step row is not trained; a second
+    row is compared with the first subject by subject."""
+    args = (
+        "--subjects heart,arrow --configs lora-r4,lora-r4-ema --other-from lora-r4 --steps 2 --num-images 2 "
+        "--inference-steps 2"
+    )
     run_benchmark("quality", args, tmp_path, tmp_path, monkeypatch)
     results = json.loads((tmp_path / "quality.json").read_text())
-    assert results["configurations"] == ["lora-r4"]
+    assert results["configurations"] == ["lora-r4", "lora-r4-ema"]
     assert not (tmp_path / "heart" / "lora-r8-mlp-long").exists()
     for subject, other in (("heart", "arrow"), ("arrow", "heart")):
         copied = (tmp_path / subject / "other-subject.safetensors").read_bytes()
         assert copied == (tmp_path / other / "lora-r4" / "adapter.safetensors").read_bytes()
+    scores = results["per_subject"].values()
     margins = results["summary"]["row_margins"]["lora-r4"]
-    heart, arrow = results["per_subject"]["heart"], results["per_subject"]["arrow"]
-    gaps = [s["lora-r4"]["judge"] - s["other"]["judge"] for s in (heart, arrow)]
-    assert margins["other/judge"]["mean"] == pytest.approx(sum(gaps) / 2)
+    assert margins["other/judge"]["mean"] == pytest.approx(
+        sum(s["lora-r4"]["judge"] - s["other"]["judge"] for s in scores) / 2
+    )
     assert results["summary"]["margins"] == {}  # the recommended row's own table needs that row
     text = (tmp_path / "quality.md").read_text()
     assert "(c) the next subject's lora-r4 adapter" in text
+    ema_minus_plain = sum(s["lora-r4-ema"]["judge"] - s["lora-r4"]["judge"] for s in scores) / 2
+    paired = text.split("Each row minus LoRA rank 4, per subject")[1]
+    assert f"| {ema_minus_plain:+.3f} (" in paired.split("| LoRA rank 4 + EMA of the weights (decay 0.995) ")[1]
 
 
 @pytest.mark.slow
