@@ -152,6 +152,15 @@ def test_cuda_estimate_adds_the_context_and_foreach_adam():
     assert cuda.peak_bytes >= cpu.peak_bytes
 
 
+def test_compile_on_a_cpu_says_the_compiler_s_memory_is_not_counted(lora):
+    compiled = estimate_memory(TrainConfig(model="tiny", compile=True), device="cpu")
+    assert any(note.startswith("--compile: torch.compile's own memory") for note in compiled.notes)
+    assert compiled.peak_bytes == lora[1].peak_bytes  # the same tensors: compiled blocks change no shapes
+    assert not any("--compile" in note for note in lora[1].notes)
+    cuda = estimate_memory(TrainConfig(model="tiny", compile=True), device="cuda")
+    assert not any("--compile" in note for note in cuda.notes)  # on a GPU that memory is the host's, not counted
+
+
 def test_training_still_runs_after_an_estimate(lora, tiny_config):
     from lora_db.training.data import batch_indices
     from lora_db.training.loop import train

@@ -328,6 +328,9 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
         notes.append("the optimizer column includes --use-ema's average, an fp32 copy of every trained weight")
     if config.cache_latents_dir is not None:
         notes.append("--cache-latents-dir: one micro-batch of encodings in memory at a time, whatever the image count")
+    if config.compile and device == "cpu":
+        # benchmarks/memory.py: random:small's target configuration with --compile held 181 MiB more than without.
+        notes.append("--compile: torch.compile's own memory in the process (graphs, generated code) is not included")
     if config.init_adapter is not None:
         # Its weights only replace the initial values of tensors of the same shapes: the same memory.
         config = replace(config, init_adapter=None)
