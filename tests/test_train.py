@@ -176,6 +176,23 @@ def test_adamw8bit_keeps_8bit_moments(tiny_config):
     assert all(s["state1"].numel() == p.numel() for p, s in zip(run.trainable_parameters, states, strict=True))
 
 
+def test_a_step_calls_the_optimizer_itself_unless_accelerate_s_wrapper_adds_to_it(tiny_config):
+    """accelerate's optimizer wrapper costs tiny-world's CPU step 0.3 ms and adds nothing without a gradient scaler
+    (benchmarks/README.md, Speed): the step goes to the torch optimizer inside, which still trains the adapter."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from lora_db.training.optimizers import stepped_optimizer
+
+    run = setup(tiny_config())
+    assert isinstance(run.optimizer, AcceleratedOptimizer) and run.step_optimizer is run.optimizer.optimizer
+    before = [p.detach().clone() for p in run.trainable_parameters]
+    optimizer_step(run, 0)
+    assert any(not torch.equal(a, p) for a, p in zip(before, run.trainable_parameters, strict=True))
+    assert all(p.grad is None for p in run.trainable_parameters)  # zeroed by the optimizer stepped
+    run.optimizer.scaler = object()  # fp16's gradient scaler lives in the wrapper: then the wrapper is stepped
+    assert stepped_optimizer(run.optimizer) is run.optimizer
+
+
 @pytest.mark.parametrize("validation", [False, True])
 def test_cached_latents_release_the_vae_and_image_encoder(tiny_config, validation):
     prompt = "a photo of sks robot" if validation else None

@@ -57,7 +57,7 @@ from lora_db.training.divergence import check_loss, check_weights
 from lora_db.training.ema import checkpoint_weights, evaluation_weights, training_weights
 from lora_db.training.hub import push_run
 from lora_db.training.model_card import write_model_card
-from lora_db.training.optimizers import current_learning_rate, stepped_optimizer
+from lora_db.training.optimizers import current_learning_rate
 from lora_db.training.outputs import replica_divergence, rescue_weights, run_validation, save_outputs
 from lora_db.training.resume import (
     RUN_RECORD,
@@ -194,12 +194,11 @@ def optimizer_step(run: Run, step: int, stop_requested=lambda: False) -> torch.T
         step_loss += loss.detach() / accumulation
     if config.max_grad_norm > 0:
         accelerator.clip_grad_norm_(run.trainable_parameters, config.max_grad_norm)
-    optimizer = stepped_optimizer(run.optimizer)
-    optimizer.step()
+    run.step_optimizer.step()
     run.lr_scheduler.step()
     if run.ema is not None:
         run.ema.update(step + 1)
-    optimizer.zero_grad(set_to_none=True)
+    run.step_optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(step_loss, reduction="mean") if accelerator.num_processes > 1 else step_loss
 
 

@@ -55,7 +55,7 @@ from lora_db.training.ema import EMA, setup_ema
 from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
 from lora_db.training.hub import check_hub_access
 from lora_db.training.latent_cache import LatentCache
-from lora_db.training.optimizers import check_optimizer, setup_optimizer
+from lora_db.training.optimizers import check_optimizer, setup_optimizer, stepped_optimizer
 from lora_db.training.tracking import resolve_tracker
 
 logger = logging.getLogger("lora_db")
@@ -313,6 +313,12 @@ class Run:
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.models.named_trainable.values())
+
+    @functools.cached_property
+    def step_optimizer(self):
+        """What each step steps and zeroes (`optimizers.stepped_optimizer`), decided once: `optimizer` itself is
+        accelerate's wrapper, which checkpoints save and load."""
+        return stepped_optimizer(self.optimizer)
 
 
 def setup_run(config: TrainConfig, accelerator) -> Run:
