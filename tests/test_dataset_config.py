@@ -112,6 +112,8 @@ def test_repeats_captions_weights_and_class_images_reach_the_loss(concepts, tmp_
     again = next(i for i, r in enumerate(records) if r.path == robot[0].path and i != first)
     assert instances.cache[first] is instances.cache[again]
     assert len(classes) == 2 and {r.weight for r in classes.dataset.records} == {0.5}
+    # Examples of mixed weights are weighted one by one; a source of one weight is scaled by it once.
+    assert instances.uniform_weight is None and classes.uniform_weight == 0.5
     assert (concepts.parent / "class").is_dir()
 
 

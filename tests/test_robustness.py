@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import signal
@@ -139,3 +140,61 @@ def test_pickle_formats_are_refused_before_reading(tmp_path, suffix):
     path.write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(LoraDBError, match="pickles, which can run code"):
         read_adapter(path)
+
+
+def _set_a_weight_after_update(monkeypatch, update: int, value: float) -> None:
+    """After optimizer update `update` (1-based), one trained weight becomes `value`, the loss untouched."""
+    from lora_db.training import loop
+
+    real = loop.optimizer_step
+
+    def step(run, index, *args):
+        loss = real(run, index, *args)
+        if index + 1 == update:
+            next(iter(run.models.named_trainable.values())).data.view(-1)[0] = value
+        return loss
+
+    monkeypatch.setattr(loop, "optimizer_step", step)
+
+
+def test_weights_are_checked_every_n_steps_and_at_the_end_not_after_every_update(tiny_config, monkeypatch):
+    from lora_db.training import loop
+    from lora_db.training.divergence import WEIGHT_CHECK_STEPS
+
+    checked = []
+    real = loop.check_weights
+    monkeypatch.setattr(loop, "check_weights", lambda config, models, step, *a: checked.append(step) or real(
+        config, models, step, *a))  # fmt: skip
+    train(tiny_config(max_train_steps=WEIGHT_CHECK_STEPS + 2))
+    assert checked == [WEIGHT_CHECK_STEPS, WEIGHT_CHECK_STEPS + 2]
+
+
+def test_an_outsized_weight_between_checks_is_found_at_the_next_check_and_never_saved(tiny_config, monkeypatch):
+    from lora_db.training.divergence import WEIGHT_CHECK_STEPS
+
+    _set_a_weight_after_update(monkeypatch, 3, 2e4)  # finite, above MAX_ABS_WEIGHT: the loss stays finite
+    config = tiny_config(max_train_steps=WEIGHT_CHECK_STEPS + 2)
+    with pytest.raises(LoraDBError, match=rf"training diverged between steps 1 and {WEIGHT_CHECK_STEPS} \(weights "
+                       rf"checked every {WEIGHT_CHECK_STEPS} steps\): unet\..* holds values up to 2"):  # fmt: skip
+        train(config)
+    losses = read_losses(config.output_dir)
+    assert len(losses) == WEIGHT_CHECK_STEPS - 1 and all(map(math.isfinite, losses))  # no line for the step found
+    assert not (config.output_dir / "adapter.safetensors").exists()
+
+
+def test_a_checkpoint_checks_the_weights_before_it_is_written(tiny_config, monkeypatch):
+    _set_a_weight_after_update(monkeypatch, 3, 2e4)
+    config = tiny_config(max_train_steps=8, checkpointing_steps=2)
+    with pytest.raises(
+        LoraDBError, match=r"training diverged between steps 3 and 4 \(.*\): unet\..* holds values up to 2"
+    ):
+        train(config)  # checkpoint-2 found step 2's weights sane: checkpoint-4's check names steps 3 and 4
+    assert [p.name for p in list_checkpoints(config.output_dir)] == ["checkpoint-2"]
+
+
+def test_a_nan_weight_between_checks_is_named_by_the_next_loss(tiny_config, monkeypatch):
+    _set_a_weight_after_update(monkeypatch, 3, float("nan"))
+    config = tiny_config(max_train_steps=8)
+    with pytest.raises(LoraDBError, match=r"training diverged at step 3: the loss became nan"):
+        train(config)
+    assert len(read_losses(config.output_dir)) == 3

@@ -1,11 +1,15 @@
 """Divergence: a run whose weights or loss stop being finite numbers of a sane size ends in an error, never in an
 adapter that samples black images.
 
-The trained weights are checked after every optimizer step and before every save (`check_weights`: NaN, infinities
-and magnitudes above `MAX_ABS_WEIGHT`, which no trained LoRA or U-ViT weight comes near), the loss of every
-micro-batch as it is computed. On divergence the checkpoints written from the diverged weights on are moved to
-OUTPUT_DIR/abandoned/, and the message names the likely cause and the last good checkpoint, which a resumed run may
-continue with a lower learning rate (`lora_db.training.resume`).
+The loss of every micro-batch is checked as it is computed (`check_loss`): NaN or infinite weights make the next
+step's loss non-finite, so they are found one step after the update that made them. The trained weights themselves
+(`check_weights`: NaN, infinities and magnitudes above `MAX_ABS_WEIGHT`, which no trained LoRA or U-ViT weight comes
+near) are checked every `WEIGHT_CHECK_STEPS` updates, at the last step, before every save (checkpoint, stop, final
+outputs) and before every validation or evaluation; a finite but outsized weight is therefore found before anything
+is written or sampled from it, and the message names the steps between which it happened. On divergence the
+checkpoints written from the diverged weights on are moved to OUTPUT_DIR/abandoned/, and the message names the
+likely cause and the last good checkpoint, which a resumed run may continue with a lower learning rate
+(`lora_db.training.resume`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from lora_db.errors import LoraDBError
 from lora_db.layout import ABANDONED_DIR, list_checkpoints
 from lora_db.training.resume import retire_later_checkpoints
 
+WEIGHT_CHECK_STEPS = 10  # every step cost tiny-world's 25 ms step 0.3 ms (1 %; benchmarks/README.md, Speed)
 LARGE_SCALE = 16.0  # alpha / rank above this makes every update that much larger: named as the likely cause
 
 
@@ -50,9 +55,13 @@ def likely_causes(config: TrainConfig) -> str:
     return ", or ".join(causes)
 
 
-def diverged(config: TrainConfig, weights_step: int, what: str, main_process: bool) -> Diverged:
-    """The error for weights that diverged at (or, by their loss, were found diverged at) `weights_step`; the
-    checkpoints written from them on are moved to abandoned/ first, so `latest` resumes from before."""
+def diverged(
+    config: TrainConfig, weights_step: int, what: str, main_process: bool, checked_at: int | None = None
+) -> Diverged:
+    """The error for weights that diverged at (or, by their loss, were found diverged at) `weights_step`, or after
+    `checked_at` (the step whose weights were last found sane) if that is earlier than the step before; the
+    checkpoints written from `weights_step` on are moved to abandoned/ first, so `latest` resumes from before (every
+    checkpoint was checked before it was written)."""
     output_dir = config.output_dir
     moved = retire_later_checkpoints(output_dir, weights_step - 1) if main_process else []
     kept = list_checkpoints(output_dir)
@@ -64,8 +73,11 @@ def diverged(config: TrainConfig, weights_step: int, what: str, main_process: bo
     )
     if moved:
         where = f"{len(moved)} checkpoint(s) from the diverged weights moved to {output_dir / ABANDONED_DIR}; {where}"
+    when = f"at step {weights_step}"
+    if checked_at is not None and checked_at < weights_step - 1:
+        when = f"between steps {checked_at + 1} and {weights_step} (weights checked every {WEIGHT_CHECK_STEPS} steps)"
     return Diverged(
-        f"training diverged at step {weights_step}: {what}; {likely_causes(config)}; {where}",
+        f"training diverged {when}: {what}; {likely_causes(config)}; {where}",
         quiet=not main_process,
     )
 
@@ -79,8 +91,16 @@ def largest_magnitude(tensors: list[torch.Tensor]) -> float:
     return float(torch.stack(torch._foreach_norm(tensors, math.inf)).max())
 
 
-def check_weights(config: TrainConfig, models, step: int, main_process: bool = True) -> None:
-    """Refuse weights holding NaN, infinities or magnitudes above MAX_ABS_WEIGHT (after each update, before saves)."""
+def weights_check_due(step: int, last_step: int) -> bool:
+    """Whether the loop checks the weights after update `step` (saves, validation and evaluation check their own)."""
+    return step % WEIGHT_CHECK_STEPS == 0 or step == last_step
+
+
+def check_weights(
+    config: TrainConfig, models, step: int, main_process: bool = True, checked_at: int | None = None
+) -> None:
+    """Refuse weights holding NaN, infinities or magnitudes above MAX_ABS_WEIGHT (every WEIGHT_CHECK_STEPS updates,
+    before saves and sampling); `checked_at`: the step whose weights were last found sane, if known."""
     weights = models.named_trainable
     if largest_magnitude(list(weights.values())) <= MAX_ABS_WEIGHT:  # NaN compares False
         return
@@ -88,7 +108,7 @@ def check_weights(config: TrainConfig, models, step: int, main_process: bool = T
     if bad is not None:
         name, peak = bad
         what = f"{name} holds {describe_peak(peak)} (trained weights stay far below {MAX_ABS_WEIGHT:g})"
-        raise diverged(config, step, what, main_process)
+        raise diverged(config, step, what, main_process, checked_at)
 
 
 def check_loss(config: TrainConfig, loss: torch.Tensor, weights_step: int, main_process: bool = True) -> None:

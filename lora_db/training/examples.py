@@ -45,6 +45,9 @@ class ExampleSource:
                 if record.path not in files:
                     files[record.path] = disk.ensure(record.path, lambda i=i: self._encode_item(dataset[i]))
             self.files = [files[record.path] for record in dataset.records]
+        weights = {record.weight for record in dataset.records}
+        # One concept weight for every example (the usual case): the loop scales by it, nothing indexed per step.
+        self.uniform_weight: float | None = weights.pop() if len(weights) == 1 else None
 
     def weights(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
         """The loss weight of each example of a micro-batch (its concept's)."""
@@ -69,7 +72,9 @@ class ExampleSource:
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Scaled VAE latents (sampled from the posterior), CLIP image embeddings (both fp32) and prompts."""
         prompts = [self.dataset.records[index].prompt for _, index in pairs]
-        if self.cache is not None:
+        if self.cache is not None and len(pairs) == 1:
+            mean, std, clip = (part[None] for part in self.cache[pairs[0][1]])  # views: nothing to stack
+        elif self.cache is not None:
             mean, std, clip = (torch.stack(parts) for parts in zip(*(self.cache[i] for _, i in pairs), strict=True))
         elif self.files is not None:
             items = [LatentCache.load(self.files[i], self.device) for _, i in pairs]

@@ -53,7 +53,7 @@ from lora_db.training.checkpoint import (
 )
 from lora_db.training.compiling import compile_unet
 from lora_db.training.data import batch_indices
-from lora_db.training.divergence import check_loss, check_weights
+from lora_db.training.divergence import check_loss, check_weights, weights_check_due
 from lora_db.training.ema import checkpoint_weights, evaluation_weights, training_weights
 from lora_db.training.hub import push_run
 from lora_db.training.model_card import write_model_card
@@ -132,7 +132,8 @@ def remove_stale_temporaries(output_dir: Path) -> None:
 
 def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
     """Loss of one micro-batch: instance MSE + prior_loss_weight x class MSE (class examples share the batch), each
-    example's MSE times its concept's weight."""
+    example's MSE times its concept's weight. One source whose examples weigh alike (the usual run) is batched as it
+    comes: nothing concatenated, no weights indexed."""
     config, accelerator = run.config, run.accelerator
     latents, clips, texts, weights = [], [], [], []
     for source in run.sources:
@@ -148,12 +149,13 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
         latents.append(batch_latents)
         clips.append(batch_clips)
         texts.extend(batch_prompts)
-        weights.append(source.weights(pairs))
+        weights.append(source.uniform_weight if source.uniform_weight is not None else source.weights(pairs))
+    single = len(run.sources) == 1
     with accelerator.autocast():
         per_example = dreambooth_loss(
             run.wrapped["unet"],
-            torch.cat(latents),
-            torch.cat(clips),
+            latents[0] if single else torch.cat(latents),
+            clips[0] if single else torch.cat(clips),
             run.prompts(texts),
             run.noise_scheduler,
             run.generator,
@@ -161,12 +163,11 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
             noise_offset=config.noise_offset,
             snr_gamma=config.snr_gamma,
         )
+    if single:
+        return (per_example if weights[0] == 1.0 else per_example * weights[0]).mean()
     n = config.train_batch_size
-    per_example = per_example * torch.cat(weights)
-    loss = per_example[:n].mean()
-    if len(run.sources) > 1:
-        loss = loss + config.prior_loss_weight * per_example[n:].mean()
-    return loss
+    per_example = per_example * torch.cat([torch.as_tensor(w, device=per_example.device).expand(n) for w in weights])
+    return per_example[:n].mean() + config.prior_loss_weight * per_example[n:].mean()
 
 
 class StepAbandoned(Exception):
@@ -193,7 +194,7 @@ def optimizer_step(run: Run, step: int, stop_requested=lambda: False) -> torch.T
             accelerator.backward(loss / accumulation)
         step_loss += loss.detach() / accumulation
     if config.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(run.trainable_parameters, config.max_grad_norm)
+        run.clip_gradients(run.trainable_parameters, config.max_grad_norm)
     run.step_optimizer.step()
     run.lr_scheduler.step()
     if run.ema is not None:
@@ -271,9 +272,15 @@ def resume(run: Run, checkpoint: Path | None) -> int:
     return step
 
 
+def checked_weights(run: Run, step: int) -> None:
+    """check_weights after update `step`, naming the last step found sane if a divergence is found."""
+    check_weights(run.config, run.models, step, run.accelerator.is_main_process, run.weights_checked)
+    run.weights_checked = step
+
+
 def checkpoint(run: Run, step: int, record: dict | None = None) -> Path | None:
     checkpoint_weights(run)  # the next step takes the weights it trains at again
-    check_weights(run.config, run.models, step, run.accelerator.is_main_process)
+    checked_weights(run, step)
     rng = rng_state(run.generator, run.accelerator)  # a collective: every process takes part
     if not run.accelerator.is_main_process:
         return None
@@ -397,7 +404,7 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
     config, accelerator = run.config, run.accelerator
     device = accelerator.device
     metrics_path = config.output_dir / METRICS_FILE
-    run.steps_done = start_step
+    run.steps_done = run.weights_checked = start_step  # a resumed checkpoint was checked before it was written
     if accelerator.log_with:
         tracker = resolve_tracker(config.report_to)
         init_kwargs = tracker_init_kwargs(tracker, config.output_dir) if accelerator.is_main_process else {}
@@ -444,7 +451,11 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
                 raise LoraDBError(f"out of {device.type} memory at step {step + 1}: {memory_advice(config)}") from None
             step += 1
             run.steps_done = step
-            check_weights(config, run.models, step, accelerator.is_main_process)
+            is_last = step == config.max_train_steps
+            evaluating = config.eval_steps > 0 and (step % config.eval_steps == 0 or is_last)
+            validating = config.validation_prompt is not None and (step % config.validation_steps == 0 or is_last)
+            if weights_check_due(step, config.max_train_steps) or evaluating or validating:
+                checked_weights(run, step)  # saves check for themselves (checkpoint, save_outputs)
             losses.append(loss)
             stop.step_s = time.perf_counter() - started
             metrics = {
@@ -455,9 +466,6 @@ def _loop(run: Run, stop: StopRequest, start_step: int, record: dict | None) -> 
                 "step_time_s": stop.step_s,
                 "elapsed_s": time.perf_counter() - loop_started,  # the loop's own work between steps included
             }
-            is_last = step == config.max_train_steps
-            evaluating = config.eval_steps > 0 and (step % config.eval_steps == 0 or is_last)
-            validating = config.validation_prompt is not None and (step % config.validation_steps == 0 or is_last)
             if evaluating:
                 evaluation_weights(run)  # on every process, so that all switch back alike
                 if run.evaluator is not None:

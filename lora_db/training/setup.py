@@ -55,7 +55,7 @@ from lora_db.training.ema import EMA, setup_ema
 from lora_db.training.examples import ExampleSource, PromptEncoder, example_source
 from lora_db.training.hub import check_hub_access
 from lora_db.training.latent_cache import LatentCache
-from lora_db.training.optimizers import check_optimizer, setup_optimizer, stepped_optimizer
+from lora_db.training.optimizers import check_optimizer, gradient_clipper, setup_optimizer, stepped_optimizer
 from lora_db.training.tracking import resolve_tracker
 
 logger = logging.getLogger("lora_db")
@@ -305,6 +305,7 @@ class Run:
     generator: torch.Generator
     setup_memory_bytes: int = 0
     steps_done: int = 0
+    weights_checked: int = 0  # the last step whose trained weights check_weights found sane
     output_path: Path | None = None  # the adapter (or U-ViT folder) once written
     evaluator: object = None  # --eval-steps: an evaluate.TrainingEval on the main process
     ema: EMA | None = None  # --use-ema: the moving average of the trained weights
@@ -319,6 +320,11 @@ class Run:
         """What each step steps and zeroes (`optimizers.stepped_optimizer`), decided once: `optimizer` itself is
         accelerate's wrapper, which checkpoints save and load."""
         return stepped_optimizer(self.optimizer)
+
+    @functools.cached_property
+    def clip_gradients(self):
+        """clip_grad_norm_(parameters, max_norm), decided once (`optimizers.gradient_clipper`)."""
+        return gradient_clipper(self.accelerator)
 
 
 def setup_run(config: TrainConfig, accelerator) -> Run:
