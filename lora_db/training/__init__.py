@@ -6,9 +6,11 @@
 - data.py: the instance and class photos, captions, augmentation, batches
 - class_images.py: prior preservation's class images, generated once and reused
 - checkpoint.py, resume.py, stopping.py: exact resume, what a resume may change, stopping on signals
-- divergence.py: weights and loss checked every step; a diverged run ends in an error naming the cause
+- divergence.py: the loss checked every step, the weights every 10 and before saves and sampling; a diverged run
+  ends in an error naming the cause
 - tracking.py, model_card.py, hub.py: tensorboard/wandb, the run's README, `--push-to-hub`
 - estimate.py: `estimate_memory(config)`, two traced steps of this set-up on fake tensors
+- traced_kernels.py: the trace's ops that must allocate what their real kernels allocate inside themselves
 - demo.py: `run_demo(config)`, `lora-db demo`: tiny-world learns a held-out subject, a grid before and after
 """
 

@@ -60,10 +60,13 @@ from lora_db.training.examples import PromptEncoder, example_source
 from lora_db.training.loop import micro_batch_loss
 from lora_db.training.optimizers import check_optimizer, setup_optimizer
 from lora_db.training.setup import Run, release_idle_modules, setup_models
+from lora_db.training.traced_kernels import host_tensors_stay_real_mode
+from lora_db.training.traced_kernels import kernels_mode as _kernels_mode
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + kernels of torch on a current GPU; not counted by the allocator
 REDUCED_PRECISION_KERNEL_BYTES = 24 * 2**20  # see cpu_process_bytes
+TEXT_ENCODER_BACKWARD_KERNEL_BYTES = 10 * 2**20  # see cpu_process_bytes
 FEED_FORWARD_MULT = 4  # the U-ViT's feed-forward hidden width over its model width (diffusers' FeedForward)
 COMPONENTS = ("unet", "text_encoder", "text_decoder", "vae", "image_encoder")
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
@@ -234,54 +237,6 @@ def _materialize(pipe, device: torch.device) -> None:
         getattr(pipe, name).to_empty(device=device)
 
 
-def _host_tensors_stay_real_mode():
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-    from torch.utils._pytree import tree_leaves
-
-    class HostTensorsStayReal(TorchDispatchMode):
-        """Ops on host tensors only (data order, image batches, token ids) run for real and are not counted.
-
-        The data order is drawn with randperm and read back with int(), which a fake tensor cannot answer.
-        A number read back from a fake tensor (Prodigy's step-size estimate reads sums with `.item()`) is 1: it
-        steers no allocation.
-        """
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            if func is torch.ops.aten._local_scalar_dense.default and isinstance(tensors[0], FakeTensor):
-                return True if tensors[0].dtype == torch.bool else 1
-            host = func is torch.ops.aten.randperm.generator or (
-                tensors and not any(isinstance(t, FakeTensor) for t in tensors)
-            )
-            if host:
-                with _disable_current_modes():
-                    return func(*args, **kwargs)
-            return func(*args, **kwargs)
-
-    return HostTensorsStayReal()
-
-
-def _bitsandbytes_4bit_matmul_mode(quantize_base: str):
-    """NF4's forward matmul is one op, `bitsandbytes::gemm_4bit`, whose fake kernel yields only the output. Its
-    CPU implementation (and its CUDA one for training-sized inputs on most GPUs) dequantizes the whole weight
-    first, then multiplies: trace bitsandbytes' own default implementation instead, so that the dequantized weight
-    is counted while the op holds it."""
-    if quantize_base != "nf4":
-        return contextlib.nullcontext()
-    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class DequantizeThenMultiply(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.bitsandbytes.gemm_4bit.default:
-                return _gemm_4bit_default_impl(*args, **(kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
-    return DequantizeThenMultiply()
-
-
 # -- the estimate ------------------------------------------------------------------------------------------------
 
 
@@ -357,7 +312,7 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
         setup_bytes = _device_total(tracker.get_tracker_snapshot("current"), traced)
         saved: dict[str, int] = {}
         earlier = _autograd_contexts()
-        with mode, tracker, _host_tensors_stay_real_mode(), _bitsandbytes_4bit_matmul_mode(config.quantize_base):
+        with mode, tracker, host_tensors_stay_real_mode(), _kernels_mode(config.quantize_base, device):
             for step in range(_TRACED_STEPS):
                 _traced_step(run, step, tracker, saved)
                 _end_step_graphs(earlier)
@@ -386,13 +341,18 @@ def cpu_process_bytes(config: TrainConfig, pipe, sources: int) -> int:
     measured it at two model sizes (benchmarks/README.md, How good is the estimate): about one fp32 copy of the
     U-ViT's feed-forward hidden activation, which some op allocates inside itself (the whole under-estimate of the
     fp32 rows: 24-30 MiB at real size, 3-5 MiB for random:small), and with bf16 or fp16 weights the state of
-    oneDNN's reduced-precision kernels (23-36 MiB more at either size)."""
+    oneDNN's reduced-precision kernels (23-36 MiB more at either size), and 10 MiB more once the text encoder trains
+    in bf16 or fp16: what its first backward leaves allocated (random:small, the process warmed up on the tiny model,
+    every tensor freed: 8.8 MiB for the text encoder's first backward alone, 11.4 MiB between whole runs with
+    and without it; in fp32 0.4 MiB, and the estimate of that row was within 1 %)."""
     unet = pipe.unet.config
     side = config.resolution // pipe.vae_scale_factor // unet.patch_size
     # Image patches, text tokens, the CLIP image token, both timesteps and (v1) the data-type token.
     tokens = side * side + unet.num_text_tokens + 3 + int(unet.use_data_type_embedding)
     hidden = FEED_FORWARD_MULT * unet.num_attention_heads * unet.attention_head_dim
-    reduced = REDUCED_PRECISION_KERNEL_BYTES if config.mixed_precision != "no" else 0
+    reduced = 0
+    if config.mixed_precision != "no":
+        reduced = REDUCED_PRECISION_KERNEL_BYTES + config.trains_text_encoder * TEXT_ENCODER_BACKWARD_KERNEL_BYTES
     return config.train_batch_size * sources * tokens * hidden * 4 + reduced
 
 
