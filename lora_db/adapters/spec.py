@@ -101,7 +101,7 @@ PEFT_LYCORIS_KEYS = {"rank": "r", "alpha": "alpha", "targets": "target_modules",
 
 def out_of_range(tensors: Mapping[str, torch.Tensor], limit: float = MAX_ABS_WEIGHT) -> tuple[str, float] | None:
     """The first tensor holding NaN, an infinity or a magnitude above `limit`, with its largest magnitude; None when
-    all are sane. One device sync for all of them (training checks its weights after every update)."""
+    all are sane. One device sync for all of them (training checks its weights every few updates)."""
     named = [(name, t.detach()) for name, t in tensors.items() if t.numel()]
     if not named:
         return None
