@@ -76,6 +76,7 @@ def test_an_in_place_op_whose_operands_promote_holds_two_copies_in_the_common_dt
     assert sum(t.numel() * t.element_size() for t in held) == 2 * weight.numel() * 4
     assert promotion_temporaries(torch.ops.aten.mul_.Tensor, (weight, scales.bfloat16())) == []
     assert promotion_temporaries(torch.ops.aten.mul.Tensor, (weight, scales)) == []  # a new result: the fake has it
+    assert promotion_temporaries(torch.ops.aten.copy_.default, (weight, weight.float())) == []  # casts as it copies
 
 
 @pytest.mark.slow

@@ -83,8 +83,9 @@ def promotion_temporaries(func, args) -> list[torch.Tensor]:
     the kernel casts as it reads. bitsandbytes' int8 matmul on a CPU scales the bf16 copy of each weight in place by
     fp32 scales (`CB.to(A.dtype).mul_(SCB...)`, forward and backward): two fp32 copies of the weight, 8 MiB
     for random:small's largest, as measured on one such `mul_`; the int8 row was -6.5 % without them."""
-    if not func._schema.name.endswith("_") or len(args) < 2 or not isinstance(args[1], torch.Tensor):
-        return []
+    name = func._schema.name
+    if not name.endswith("_") or name == "aten::copy_" or len(args) < 2 or not isinstance(args[1], torch.Tensor):
+        return []  # copy_ casts as it copies: no common dtype
     target, other = args[0], args[1]
     common = torch.result_type(target, other)
     if common == target.dtype:
