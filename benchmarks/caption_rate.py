@@ -6,13 +6,15 @@
 The pictures are the world's (lora_db.synthetic.world: a shape in a colour, maybe a pattern, in a setting), drawn
 from a seed the build never used (the build draws its world from seed 0), so none was trained on. Each is captioned
 as `lora-db caption` does (`generate_captions`, one seed, 25 steps); a caption counts when it holds the picture's
-shape word and colour word. Unreadable captions (control characters, undecodable bytes) count as misses and are
-shown escaped. Results go to OUT/caption_rate.json and .md.
+colour word followed by its shape word ("a photo of a red star ..."; a pattern's or a backdrop's colour does not
+count). Unreadable captions (control characters, undecodable bytes) count as misses and are shown escaped.
+Results go to OUT/caption_rate.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from pathlib import Path
@@ -42,9 +44,10 @@ def main() -> None:
         scene = random_scene(rng)
         picture = render(scene, rng)
         (text,) = generate_captions(pipe, picture, 1, seed=0, num_inference_steps=args.steps)
-        words = set(text.lower().replace(",", " ").split())
+        words = text.lower().replace(",", " ").split()
         readable = caption_text(text, None) is not None
-        named = readable and scene.shape in words and scene.colour in words
+        # the object's colour and shape, said together: a pattern's or a backdrop's colour does not count
+        named = readable and (scene.colour, scene.shape) in itertools.pairwise(words)
         rows.append({"picture": number, "shape": scene.shape, "colour": scene.colour, "caption": text,
                      "readable": readable, "names_both": named})  # fmt: skip
     rate = sum(row["names_both"] for row in rows) / len(rows)

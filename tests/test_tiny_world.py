@@ -41,7 +41,8 @@ def test_a_small_build_is_deterministic_and_reports_its_vae_on_unseen_subjects(t
     from lora_db.synthetic.tiny_world import BuildConfig, build
 
     small = {"world_size": 64, "vae_steps": 3, "vae_small_steps": 1, "vae_pool": 32, "clip_steps": 2,
-             "uvit_steps": 2, "uvit_broad_pool": 32, "judge_steps": 2, "judge_pool": 32}  # fmt: skip
+             "uvit_steps": 2, "uvit_broad_pool": 32, "judge_steps": 2, "judge_pool": 32,
+             "uvit_caption_batch": 2, "caption_steps": 2}  # fmt: skip
     digests = []
     for name in ("a", "b"):
         report = build(tmp_path / name, BuildConfig(**small))

@@ -55,9 +55,10 @@ from lora_db.models.random import (
 )
 from lora_db.models.sampling import generate_images
 from lora_db.synthetic import procedural
-from lora_db.synthetic.judge import CONFIG_FILE, JUDGE_FOLDER, JudgeConfig, build_judge
+from lora_db.synthetic.captioner import caption_loss, train_captions
+from lora_db.synthetic.judge import JUDGE_FOLDER, JudgeConfig, build_judge, join_judge_process, start_judge_process
 from lora_db.synthetic.vae import VaeSchedule, cosine_lr, held_out_report, train_vae
-from lora_db.synthetic.world import CLASS_WORD, IMAGE_SIZE, make_world, vocabulary
+from lora_db.synthetic.world import CLASS_WORD, IMAGE_SIZE, full_caption, make_scenes, vocabulary
 
 logger = logging.getLogger("lora_db")
 
@@ -113,6 +114,14 @@ class BuildConfig:
     uvit_broad_pool: int = 4096
     judge_steps: int = JudgeConfig.steps
     judge_pool: int = JudgeConfig.pool
+    # Image-to-text (lora_db.synthetic.captioner): examples beside each U-ViT batch, then the caption decoder's steps.
+    # Off (0) in the shipped weights, which were built without it: the world's CLIP sees too little of a shape for
+    # a caption to name it (a linear probe on its image embeddings finds the shape 12 % of the time, chance 10 %).
+    uvit_caption_batch: int = 0
+    caption_steps: int = 0
+    caption_batch: int = 64
+    caption_lr: float = 2e-3
+    caption_latent_noise: float = 0.1
     uncond_prob: float = 0.1
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -355,11 +364,12 @@ def train_uvit(parts, world, broad, config: BuildConfig) -> list[float]:
     generator = torch.Generator().manual_seed(config.seed + 3)
     trained = [*unet.parameters(), *text_decoder.encode_prefix.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=config.uvit_lr, weight_decay=0.01)
-    mean, std, clip_embeds, hidden, prompt_index = world
+    mean, std, clip_embeds, hidden, prompt_index, full_hidden, full_index = world
     broad_mean, broad_clip = broad
     scale = parts["vae"].config.scaling_factor
     n_broad = round(config.uvit_batch * config.uvit_broad_fraction)
     n_world = config.uvit_batch - n_broad
+    n_caption = config.uvit_caption_batch
     losses = []
     unet.train()
     for step in (bar := _steps("u-vit", config.uvit_steps)):
@@ -382,6 +392,17 @@ def train_uvit(parts, world, broad, config: BuildConfig) -> list[float]:
                     generator, uncond_prob=1.0, snr_gamma=5.0,
                 )
             )  # fmt: skip
+        if n_caption:  # image-to-text: the same world pictures, clean, with their whole captions' latents noised
+            picks = torch.randint(0, len(mean), (n_caption,), generator=generator)
+            noise = torch.randn(mean[picks].shape, generator=generator)
+            with torch.no_grad():
+                text_latents = text_decoder.encode(full_hidden[full_index[picks]])
+            per_example.append(
+                caption_loss(
+                    unet, (mean[picks] + std[picks] * noise) * scale, clip_embeds[picks], text_latents,
+                    noise_scheduler, generator, uncond_prob=config.uncond_prob,
+                )
+            )  # fmt: skip
         loss = torch.cat(per_example).mean()
         _optimizer_step(optimizer, loss, losses, bar, clip=trained)
     unet.eval()
@@ -399,11 +420,12 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
     out = Path(out)
     with atomic_directory(out, replace=True) as tmp:
         judge_config = JudgeConfig(seed=config.seed, steps=config.judge_steps, pool=config.judge_pool)
-        judge_process = _start_judge(tmp / JUDGE_FOLDER, judge_config, config.threads)
+        judge_process = start_judge_process(tmp / JUDGE_FOLDER, judge_config, config.threads)
         try:
-            world = make_world(config.world_size, config.seed)
+            world = make_scenes(config.world_size, config.seed)
             images = [image for image, _ in world]
-            captions = [caption for _, caption in world]
+            captions = [scene.caption for _, scene in world]
+            full_captions = [full_caption(scene) for _, scene in world]
             pixels = torch.stack([to_tensor(image) for image in images])
             parts, clip = build_components(config)
             config.timings_s["world"] = time.perf_counter() - started
@@ -442,11 +464,14 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
                 clip_embeds = torch.cat([image_encoder(pixel_values=b).image_embeds for b in clip_pixels.split(256)])
                 unique = sorted(set(captions))
                 hidden = text_encoder(_tokens(parts["clip_tokenizer"], unique))[0]
+                unique_full = sorted(set(full_captions))
+                full_hidden = text_encoder(_tokens(parts["clip_tokenizer"], unique_full))[0]
             prompt_index = torch.tensor([unique.index(c) for c in captions])
+            full_index = torch.tensor([unique_full.index(c) for c in full_captions])
             config.timings_s["clip"] = time.perf_counter() - mark
 
             mark = time.perf_counter()
-            judge_report = _join_judge(judge_process, tmp / JUDGE_FOLDER)  # the second core is free from here
+            judge_report = join_judge_process(judge_process, tmp / JUDGE_FOLDER)  # the second core is free from here
             config.timings_s["judge_wait"] = time.perf_counter() - mark
             mark = time.perf_counter()
             torch.set_num_threads(config.uvit_threads)
@@ -459,9 +484,15 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
                 broad_clip = torch.cat(
                     [image_encoder(pixel_values=b).image_embeds for b in broad_clip_pixels.split(256)]
                 )
-            world_data = (*latents, clip_embeds[:, None], hidden, prompt_index)
+            world_data = (*latents, clip_embeds[:, None], hidden, prompt_index, full_hidden, full_index)
             uvit_losses = train_uvit(parts, world_data, (broad_mean, broad_clip[:, None]), config)
             config.timings_s["uvit"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            caption_losses = train_captions(
+                parts["text_decoder"], parts["text_tokenizer"], full_hidden, unique_full, config,
+                progress=lambda steps: _steps("captions", steps),
+            )  # fmt: skip
+            config.timings_s["captions"] = time.perf_counter() - mark
             config.timings_s["total"] = time.perf_counter() - started
         finally:
             torch.set_num_threads(threads)
@@ -478,6 +509,7 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
                 "vae": statistics_mean(vae_losses[-50:]),
                 "clip": statistics_mean(clip_losses[-50:]),
                 "uvit": statistics_mean(uvit_losses[-50:]),
+                **({"captions": statistics_mean(caption_losses[-50:])} if caption_losses else {}),
             },
             "torch": torch.__version__,
             "judge": judge_report,
@@ -488,28 +520,6 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
         parts["clip_image_processor"].save_pretrained(tmp / "clip")
         atomic_write_json(tmp / "build.json", report)
     return report
-
-
-def _judge_child(folder: str, config: JudgeConfig, threads: int) -> None:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="judge: %(message)s")
-    build_judge(Path(folder), config, log=logger.info)
-
-
-def _start_judge(folder: Path, config: JudgeConfig, threads: int):
-    """Train the judge in a second process (it shares nothing with the model), one thread, while the VAE trains."""
-    import multiprocessing
-
-    process = multiprocessing.get_context("spawn").Process(target=_judge_child, args=(str(folder), config, threads))
-    process.start()
-    return process
-
-
-def _join_judge(process, folder: Path) -> dict:
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"training the judge failed (exit code {process.exitcode}); see its output above")
-    return json.loads((folder / CONFIG_FILE).read_text())["report"]
 
 
 def add_judge(folder: str | Path) -> dict:
@@ -560,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     build_parser = commands.add_parser("build", help="draw the world and pretrain every part into DIR")
     build_parser.add_argument("out", type=Path)
     names = ("vae_steps", "vae_small_steps", "vae_pool", "clip_steps", "uvit_steps", "uvit_broad_pool", "judge_steps",
-             "judge_pool", "world_size", "threads", "uvit_threads", "seed")  # fmt: skip
+             "judge_pool", "world_size", "threads", "uvit_threads", "seed", "uvit_caption_batch", "caption_steps")  # fmt: skip
     for name in names:
         build_parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildConfig, name))
     judge_parser = commands.add_parser("judge", help="train only the judge into an existing tiny-world DIR")

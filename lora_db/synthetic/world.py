@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -114,12 +114,22 @@ def random_scene(rng: random.Random) -> Scene:
 
 def make_world(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, str]]:
     """`count` (picture, caption) pairs; the same seed draws the same world."""
+    return [(image, scene.caption) for image, scene in make_scenes(count, seed, size)]
+
+
+def make_scenes(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, Scene]]:
+    """`count` (picture, scene) pairs: `make_world` with what each picture shows, said or not in its caption."""
     rng = random.Random(seed)
     world = []
     for _ in range(count):
         scene = random_scene(rng)
-        world.append((render(scene, rng, size), scene.caption))
+        world.append((render(scene, rng, size), scene))
     return world
+
+
+def full_caption(scene: Scene) -> str:
+    """The caption that says everything the picture shows: what the caption decoder learns to write."""
+    return replace(scene, say_shape=True, say_colour=True, say_pattern=True, say_place=True).caption
 
 
 def vocabulary() -> list[str]:
