@@ -570,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
     build_parser = commands.add_parser("build", help="draw the world and pretrain every part into DIR")
     build_parser.add_argument("out", type=Path)
     names = ("vae_steps", "vae_small_steps", "vae_pool", "clip_steps", "uvit_steps", "uvit_broad_pool", "judge_steps",
-             "judge_pool", "world_size", "threads", "uvit_threads", "seed", "uvit_caption_batch", "caption_steps")  # fmt: skip
+             "judge_pool", "world_size", "threads", "uvit_threads", "seed", "uvit_caption_batch",
+             "caption_steps")  # fmt: skip
     for name in names:
         build_parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildConfig, name))
     judge_parser = commands.add_parser("judge", help="train only the judge into an existing tiny-world DIR")
