@@ -171,3 +171,28 @@ def test_a_photo_without_caption_in_a_concept_without_prompt_is_named(concepts, 
     photo.with_suffix(".txt").unlink()
     with pytest.raises(LoraDBError, match=f"{photo.name} has no caption .* and its concept no instance_prompt"):
         train(TrainConfig(model="tiny", dataset_config=concepts, output_dir=tmp_path / "out", max_train_steps=1))
+
+
+def test_each_example_of_a_mixed_batch_is_weighted_by_its_concept(concepts, tmp_path, monkeypatch):
+    """One source (no class images) whose concepts weigh differently, two examples a micro-batch: each example's
+    loss is scaled by its own concept's weight, and a source of one weight by that weight."""
+    import lora_db.training.loop as loop
+    from lora_db.training.data import batch_indices
+
+    concepts.write_text(concepts.read_text().replace('class_dir = "class"\n', "").replace(
+        'class_prompt = "a photo of a robot"\n', ""))  # fmt: skip
+    config = TrainConfig(
+        model="tiny", dataset_config=concepts, output_dir=tmp_path / "out", cache_latents=True, train_batch_size=2
+    )
+    config = check_before_loading(config, torch.device("cpu"))
+    run = setup_run(config, setup_accelerator(config))
+    (source,) = run.sources
+    assert source.uniform_weight is None
+    per_example = torch.tensor([1.0, 10.0])
+    monkeypatch.setattr(loop, "dreambooth_loss", lambda *args, **kwargs: per_example)
+    for micro_step in range(6):  # enough steps to meet both weights in one batch and alike
+        pairs = batch_indices(len(source), 2, micro_step, config.seed)
+        expected = (per_example * source.weights(pairs)).mean()
+        assert micro_batch_loss(run, micro_step).item() == pytest.approx(expected.item())
+    source.uniform_weight = 0.5
+    assert micro_batch_loss(run, 0).item() == pytest.approx(5.5 * 0.5)

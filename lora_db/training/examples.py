@@ -49,8 +49,10 @@ class ExampleSource:
         # One concept weight for every example (the usual case): the loop scales by it, nothing indexed per step.
         self.uniform_weight: float | None = weights.pop() if len(weights) == 1 else None
 
-    def weights(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
-        """The loss weight of each example of a micro-batch (its concept's)."""
+    def weights(self, pairs: list[tuple[int, int]]) -> torch.Tensor | float:
+        """The loss weight of each example of a micro-batch (its concept's); one number when all weigh alike."""
+        if self.uniform_weight is not None:
+            return self.uniform_weight
         return torch.tensor([self.dataset.records[index].weight for _, index in pairs], device=self.device)
 
     def __len__(self) -> int:

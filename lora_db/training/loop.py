@@ -149,7 +149,7 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
         latents.append(batch_latents)
         clips.append(batch_clips)
         texts.extend(batch_prompts)
-        weights.append(source.uniform_weight if source.uniform_weight is not None else source.weights(pairs))
+        weights.append(source.weights(pairs))
     single = len(run.sources) == 1
     with accelerator.autocast():
         per_example = dreambooth_loss(
@@ -164,7 +164,7 @@ def micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
             snr_gamma=config.snr_gamma,
         )
     if single:
-        return (per_example if weights[0] == 1.0 else per_example * weights[0]).mean()
+        return (per_example * weights[0]).mean()
     n = config.train_batch_size
     per_example = per_example * torch.cat([torch.as_tensor(w, device=per_example.device).expand(n) for w in weights])
     return per_example[:n].mean() + config.prior_loss_weight * per_example[n:].mean()
