@@ -60,8 +60,7 @@ from lora_db.training.examples import PromptEncoder, example_source
 from lora_db.training.loop import micro_batch_loss
 from lora_db.training.optimizers import check_optimizer, setup_optimizer
 from lora_db.training.setup import Run, release_idle_modules, setup_models
-from lora_db.training.traced_kernels import host_tensors_stay_real_mode
-from lora_db.training.traced_kernels import kernels_mode as _kernels_mode
+from lora_db.training.traced_kernels import host_tensors_stay_real_mode, kernels_mode
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + kernels of torch on a current GPU; not counted by the allocator
@@ -284,7 +283,8 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
     if config.cache_latents_dir is not None:
         notes.append("--cache-latents-dir: one micro-batch of encodings in memory at a time, whatever the image count")
     if config.compile and device == "cpu":
-        # benchmarks/memory.py: random:small's target configuration with --compile held 181 MiB more than without.
+        # benchmarks/memory.py: --compile held 24-186 MiB more than without, by run and model size (inductor's cache,
+        # generated code): no size to model (benchmarks/README.md, How good is the estimate).
         notes.append("--compile: torch.compile's own memory in the process (graphs, generated code) is not included")
     if config.init_adapter is not None:
         # Its weights only replace the initial values of tensors of the same shapes: the same memory.
@@ -312,7 +312,7 @@ def estimate_memory(config: TrainConfig, device: str = "cuda") -> MemoryEstimate
         setup_bytes = _device_total(tracker.get_tracker_snapshot("current"), traced)
         saved: dict[str, int] = {}
         earlier = _autograd_contexts()
-        with mode, tracker, host_tensors_stay_real_mode(), _kernels_mode(config.quantize_base, device):
+        with mode, tracker, host_tensors_stay_real_mode(), kernels_mode(config.quantize_base, device):
             for step in range(_TRACED_STEPS):
                 _traced_step(run, step, tracker, saved)
                 _end_step_graphs(earlier)
