@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_db.models.objective import add_noise, min_snr_weights
-from lora_db.synthetic.vae import cosine_lr
+from lora_db.synthetic.vae import cosine_lr, optimizer_step, set_lr
 
 # the longest whole caption ("a photo of an orange triangle with a magenta letter on the beach") is 64 bytes; with
 # its end token it fits the 67 tokens the pipeline's beam search writes
@@ -106,17 +106,10 @@ def train_caption_decoder(
     losses = []
     text_decoder.train()
     for step in (bar := progress(steps)):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+        set_lr(optimizer, lr_at(step))
         index = torch.randint(0, len(tokens), (batch,), generator=generator)
         latents = text_latents[index] + scale * torch.randn(text_latents[index].shape, generator=generator)
-        loss = decoder_loss(text_decoder, latents, tokens[index], eos)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        optimizer_step(optimizer, decoder_loss(text_decoder, latents, tokens[index], eos), losses, bar, clip=trained)
     text_decoder.eval()
     return losses
 

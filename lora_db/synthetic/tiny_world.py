@@ -57,7 +57,15 @@ from lora_db.models.sampling import generate_images
 from lora_db.synthetic import procedural
 from lora_db.synthetic.captioner import caption_loss, train_captions
 from lora_db.synthetic.judge import JUDGE_FOLDER, JudgeConfig, build_judge, join_judge_process, start_judge_process
-from lora_db.synthetic.vae import VaeSchedule, cosine_lr, held_out_report, train_vae
+from lora_db.synthetic.vae import (
+    VaeSchedule,
+    cosine_lr,
+    held_out_report,
+    optimizer_step,
+    set_lr,
+    statistics_mean,
+    train_vae,
+)
 from lora_db.synthetic.world import CLASS_WORD, IMAGE_SIZE, full_caption, make_scenes, vocabulary
 
 logger = logging.getLogger("lora_db")
@@ -272,26 +280,6 @@ def _bar(name: str, steps):
     return tqdm(steps, desc=name, unit="step")
 
 
-def _set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _optimizer_step(optimizer, loss: torch.Tensor, losses: list[float], bar, clip=None) -> None:
-    """Backward, optional gradient clipping to norm 1, step; the running loss on the progress bar."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(clip, 1.0)
-    optimizer.step()
-    losses.append(loss.item())
-    bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
@@ -306,7 +294,7 @@ def train_clip(clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: 
     losses = []
     clip.train()
     for step in (bar := _steps("clip", config.clip_steps)):
-        _set_lr(optimizer, cosine_lr(step, config.clip_steps, config.clip_lr, warmup=50))
+        set_lr(optimizer, cosine_lr(step, config.clip_steps, config.clip_lr, warmup=50))
         index = torch.randint(0, len(clip_pixels), (config.clip_batch,), generator=generator)
         image = F.normalize(
             clip.visual_projection(clip.vision_model(pixel_values=clip_pixels[index]).pooler_output), dim=-1
@@ -316,7 +304,7 @@ def train_clip(clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: 
         same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        _optimizer_step(optimizer, loss, losses, bar)
+        optimizer_step(optimizer, loss, losses, bar)
     clip.eval()
     return losses
 
@@ -373,7 +361,7 @@ def train_uvit(parts, world, broad, config: BuildConfig) -> list[float]:
     losses = []
     unet.train()
     for step in (bar := _steps("u-vit", config.uvit_steps)):
-        _set_lr(optimizer, cosine_lr(step, config.uvit_steps, config.uvit_lr, warmup=100))
+        set_lr(optimizer, cosine_lr(step, config.uvit_steps, config.uvit_lr, warmup=100))
         index = torch.randint(0, len(mean), (n_world,), generator=generator)
         noise = torch.randn(mean[index].shape, generator=generator)
         batch_latents = (mean[index] + std[index] * noise) * scale
@@ -404,7 +392,7 @@ def train_uvit(parts, world, broad, config: BuildConfig) -> list[float]:
                 )
             )  # fmt: skip
         loss = torch.cat(per_example).mean()
-        _optimizer_step(optimizer, loss, losses, bar, clip=trained)
+        optimizer_step(optimizer, loss, losses, bar, clip=trained)
     unet.eval()
     return losses
 

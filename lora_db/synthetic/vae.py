@@ -55,6 +55,27 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(optimizer, loss: torch.Tensor, losses: list[float], bar, clip=None) -> None:
+    """One step of a build stage: backward, optional gradient clipping to norm 1, step; the running loss on the
+    progress bar."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{statistics_mean(losses[-20:]):.4f}")
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def train_vae(
     vae,
     world: torch.Tensor,
