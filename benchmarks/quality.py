@@ -69,12 +69,16 @@ CONFIGS = {
     ),
 }
 RECOMMENDED = "lora-r8-mlp-long"
-# Rows whose adapter can stand in for (c): LoRA without a learned token, loaded in one eval beside the subject's own
-OTHER_FROM = [
-    name
-    for name, (options, _) in CONFIGS.items()
-    if name not in ("full", "lora-r4-nf4") and not {"adapter_type", "train_token"} & set(options)
-]
+
+
+def shares_an_eval(name: str) -> bool:
+    """Whether the row's adapter is scored in one eval with the others: LoRA on the full-precision base (peft puts
+    one adapter kind into a layer; nf4 and full fine-tuning need bases of their own)."""
+    return name not in ("full", "lora-r4-nf4") and CONFIGS[name][0].get("adapter_type", "lora") == "lora"
+
+
+# Rows whose adapter can stand in for (c): loaded in the subject's own eval, without a learned token
+OTHER_FROM = [name for name, (options, _) in CONFIGS.items() if shares_an_eval(name) and "train_token" not in options]
 BASELINES = {
     "base": "(a) base model, subject prompt",
     "describe": "(b) base model, describing prompt",
@@ -192,9 +196,9 @@ def evaluate_subject(subject: str, names: list[str], runs: dict, other: str, wor
     from lora_db.synthetic.subjects import SUBJECTS
 
     photos, describe = work / subject / "photos", SUBJECTS[subject].describe_prompt
-    # LoKr and LoHa rows: peft puts one adapter kind into a layer, so each is scored in an eval of its own.
+    plain = [n for n in names if shares_an_eval(n)]
+    # LoKr and LoHa rows are scored in an eval of their own each
     apart = [n for n in names if CONFIGS[n][0].get("adapter_type", "lora") != "lora"]
-    plain = [n for n in names if n not in ("full", "lora-r4-nf4", *apart)]
     other_adapter = work / subject / "other-subject.safetensors"
     shutil.copyfile(runs[other][args.other_from]["output"], other_adapter)
     result = run_eval(work / subject / "eval", photos, args, describe, [runs[subject][n]["output"] for n in plain]
