@@ -56,7 +56,6 @@ def test_the_caption_decoder_learns_to_write_each_caption_from_its_latent(parts)
         return texts
 
     assert write(decoder) != captions
-    encode_before = copy.deepcopy(decoder.encode_prefix.state_dict())
     losses = train_caption_decoder(
         decoder, latents, tokens, tokenizer.eos_token_id, steps=300, batch=8, lr=3e-3, latent_noise=0.05,
         generator=torch.Generator().manual_seed(1), progress=lambda n: tqdm(range(n), disable=True),
@@ -64,8 +63,6 @@ def test_the_caption_decoder_learns_to_write_each_caption_from_its_latent(parts)
     )  # fmt: skip
     assert losses[-1] < 0.1 * losses[0]
     assert write(decoder) == captions
-    # encode_prefix is the text-to-image direction's prompt projection: the caption stage leaves it alone
-    assert all(torch.equal(v, decoder.encode_prefix.state_dict()[k]) for k, v in encode_before.items())
 
 
 def test_the_image_to_text_loss_noises_the_text_keeps_the_image_clean_and_drops_it_for_guidance(parts):

@@ -100,6 +100,7 @@ def train_caption_decoder(
 ) -> list[float]:
     """Teach the GPT-2 and `decode_prefix` to write each caption from its text latent (plus Gaussian noise of std
     `latent_noise` times the latents' std, what an imperfect denoising leaves). `encode_prefix` stays frozen."""
+    # encode_prefix takes no part in the loss (the latents come encoded): it is left out of the optimizer
     trained = [p for name, p in text_decoder.named_parameters() if not name.startswith("encode_prefix.")]
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
     scale = latent_noise * text_latents.std().item()
