@@ -55,8 +55,8 @@ def test_a_cpu_estimate_counts_what_bitsandbytes_cpu_update_of_8bit_moments_allo
     CUDA's kernel updates in place. Full fine-tuning of random:small missed 18 MiB (-5.3 %) before it was traced."""
     config = TrainConfig(model="random:small", method="full", optimizer="adamw8bit", gradient_checkpointing=True)
     traced = estimate_memory(config, device="cpu")
-    real_mode = estimate_module._kernels_mode
-    monkeypatch.setattr(estimate_module, "_kernels_mode", lambda quantize, device: real_mode(quantize, "cuda"))
+    real_mode = estimate_module.kernels_mode
+    monkeypatch.setattr(estimate_module, "kernels_mode", lambda quantize, device: real_mode(quantize, "cuda"))
     fake_kernels_only = estimate_memory(config, device="cpu")
     unet = load_pipeline("random:small").unet
     held = traced.components["unet"]  # at the update: the weights, all gradients and both 8-bit moments
