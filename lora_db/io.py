@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lora_db.errors import LoraDBError
+from lora_db.interrupts import done, leftover, uninterrupted
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,7 +45,9 @@ _umask_lock = threading.Lock()
 
 
 def current_umask() -> int:
-    with _umask_lock:  # reading the umask means setting it: keep other threads from seeing the interim value
+    # Reading the umask means setting it: keep other threads from seeing the interim value, and a stop signal from
+    # leaving it set.
+    with uninterrupted(), _umask_lock:
         mask = os.umask(0o077)
         os.umask(mask)
     return mask
@@ -112,22 +115,30 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then move the temporary file onto `path` in one rename."""
     path = Path(path)
+    tmp_path = token = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as err:
-        raise explain_os_error(err, path) from err
-    tmp_path = Path(tmp)
-    try:
+        try:
+            with uninterrupted():  # a stop signal waits until the temporary file is known to the cleanup below
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                tmp_path = Path(tmp)
+                token = leftover(lambda: tmp_path.unlink(missing_ok=True))
+                os.close(fd)
+        except OSError as err:
+            raise explain_os_error(err, path) from err
         write(tmp_path)
         _as_created_by_open(tmp_path, directory=False)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        with uninterrupted():
+            os.replace(tmp_path, path)
+            done(token)
         fsync_dir(path.parent)
     except BaseException as err:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            with uninterrupted():
+                tmp_path.unlink(missing_ok=True)
+                done(token)
         os_error = os_error_of(err)
         if os_error is not None:
             raise explain_os_error(os_error, path) from err
@@ -152,12 +163,15 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False, record: boo
     nothing else: a command's output folder, which `--overwrite` may replace but never a file the user put there.
     """
     path = Path(os.path.abspath(path))
+    tmp = token = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as err:
-        raise explain_os_error(err, path) from err
-    try:
+        try:
+            with uninterrupted():  # a stop signal waits until the temporary folder is known to the cleanup below
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+                token = leftover(lambda: shutil.rmtree(tmp, ignore_errors=True))
+        except OSError as err:
+            raise explain_os_error(err, path) from err
         yield tmp
         if record:
             _record_written(tmp)
@@ -171,19 +185,39 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False, record: boo
                     f"{path} now holds {_some(foreign)}, which lora-db did not write; it is left as it was and the "
                     "new output was not written: move those files out and run again"
                 )
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            with uninterrupted():  # never cut between the two renames: `path` moved aside and nothing in its place
+                _swap(tmp, path)
+                done(token)
         else:
-            os.replace(tmp, path)
+            with uninterrupted():
+                os.replace(tmp, path)
+                done(token)
         fsync_dir(path.parent)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with uninterrupted():
+                shutil.rmtree(tmp, ignore_errors=True)
+                done(token)
         os_error = os_error_of(err)
         if os_error is not None:
-            raise explain_os_error(os_error, _name_in(path, tmp, err)) from err
+            raise explain_os_error(os_error, _name_in(path, tmp, err) if tmp else path) from err
         raise
+
+
+def _swap(new: Path, path: Path) -> None:
+    """Put the folder `new` in place of the folder `path`; if the second rename fails, `path` is put back."""
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    try:
+        os.replace(path, old)
+    except BaseException:
+        os.rmdir(old)
+        raise
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 WRITTEN_RECORD = ".lora-db-written.json"  # in a command's output folder: every file and folder lora-db wrote there

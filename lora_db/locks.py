@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lora_db.errors import LoraDBError
+from lora_db.interrupts import done, leftover, uninterrupted
 from lora_db.io import explain_os_error, remove_stale_copies
 
 logger = logging.getLogger("lora_db")
@@ -96,35 +97,61 @@ def _open_lock_file(path: Path, option: str, output: Path) -> int:
     return fd
 
 
-def _open_locked(path: Path, option: str, output: Path, wait: bool) -> int:
-    """Open and lock `path`, retrying if the previous owner removed the file between our open and our lock."""
+class _Held:
+    """What output_lock has created so far, for its cleanup: the lock file's descriptor and the parent folders."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.created: list[Path] = []
+
+
+def _lock(path: Path, option: str, output: Path, wait: bool, held: _Held) -> None:
+    """Open and lock `path` into `held.fd`, retrying if the previous owner removed the file between our open and our
+    lock. Each descriptor is in `held` from the moment it exists, so that a stop signal anywhere leaves nothing."""
     while True:
-        try:
-            fd = _open_lock_file(path, option, output)
-        except FileNotFoundError:
-            continue  # its owner removed it between our two opens
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise
+        with uninterrupted():
+            try:
+                held.fd = _open_lock_file(path, option, output)
+            except FileNotFoundError:
+                continue  # its owner removed it between our two opens
+            try:
+                fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                contended = False
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                contended = True
+        if contended:
             if not wait:
-                owner = _owner(fd)
-                os.close(fd)
                 raise OutputInUse(
-                    f"{option} {output} is in use by {owner} (lock {path}); wait for it to finish, stop it, "
+                    f"{option} {output} is in use by {_owner(held.fd)} (lock {path}); wait for it to finish, stop it, "
                     "or choose another folder"
                 ) from None
-            logger.warning("%s %s is in use by %s: waiting for it to finish", option, output, _owner(fd))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)  # we locked a file its owner had just unlinked: try again with the new one
+            logger.warning("%s %s is in use by %s: waiting for it to finish", option, output, _owner(held.fd))
+            fcntl.flock(held.fd, fcntl.LOCK_EX)  # a stop signal ends the wait; the cleanup then only closes the file
+        with uninterrupted():
+            try:
+                same = os.fstat(held.fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return
+            os.close(held.fd)  # we locked a file its owner had just unlinked: try again with the new one
+            held.fd = None
+
+
+def _release(path: Path, held: _Held) -> None:
+    """Remove the lock file if it is ours (locked by us, still the file at `path`), then the folders made for it."""
+    if held.fd is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails if another process holds it: not ours
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(held.fd).st_ino:
+                path.unlink()  # while still locked, so a waiting process never locks a file that is gone
+        os.close(held.fd)
+        held.fd = None
+    for folder in reversed(held.created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if nothing was written into it
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -147,24 +174,23 @@ def output_lock(output: str | os.PathLike, option: str, *, wait: bool = False) -
     """
     output = Path(output)
     path = lock_path(output, option)
-    created: list[Path] = []
+    held = _Held()
+    token = None
     try:
-        created = _make_parents(path.parent)
-        fd = _open_locked(path, option, output, wait)
-    except OSError as err:
-        raise explain_os_error(err, path) from err
-    try:
+        try:
+            with uninterrupted():  # a stop signal waits until what is created here is known to the cleanup below
+                token = leftover(lambda: _release(path, held))
+                held.created = _make_parents(path.parent)
+            _lock(path, option, output, wait, held)
+        except OSError as err:
+            raise explain_os_error(err, path) from err
         note = f"{os.getpid()} {socket.gethostname()}\n".encode()
         with contextlib.suppress(OSError):  # the lock holds without the note; only a second run's message is vaguer
-            os.pwrite(fd, note, 0)
-            os.ftruncate(fd, len(note))  # a lock file of ours (checked on opening): an older owner's longer note
+            os.pwrite(held.fd, note, 0)
+            os.ftruncate(held.fd, len(note))  # a lock file of ours (checked on opening): an older owner's longer note
         remove_stale_copies(output)
         yield path
     finally:
-        with contextlib.suppress(OSError):
-            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                path.unlink()  # while still locked, so a waiting process never locks a file that is gone
-        os.close(fd)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if nothing was written into it
+        with uninterrupted():
+            _release(path, held)
+            done(token)

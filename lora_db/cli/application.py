@@ -26,6 +26,7 @@ from lora_db.cli.help import Command, Group
 from lora_db.cli.train import app as train_commands
 from lora_db.cli.ui import app as ui_commands
 from lora_db.errors import LoraDBError
+from lora_db.interrupts import deferrable, remove_leftovers
 from lora_db.io import explain_os_error, os_error_of
 from lora_db.logs import ESCAPE_CONTROLS, QUIET_LIBRARIES, printable_line, quiet_library_logs
 
@@ -105,6 +106,7 @@ class Stopped(LoraDBError):
 def _signals_stop_cleanly():
     """SIGINT, SIGTERM and SIGHUP raise Stopped for every command (training's loop installs its own handlers)."""
 
+    @deferrable  # raised only outside the lines that create or swap a temporary file (lora_db.interrupts)
     def stop(signum, frame):
         raise Stopped(signum)
 
@@ -115,6 +117,17 @@ def _signals_stop_cleanly():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _stops_leave_nothing():
+    """The stop handlers for the block; then whatever a stop signal kept a cleanup from removing is removed (a stop
+    that lands in a `finally` before its cleanup starts; lora_db.interrupts)."""
+    try:
+        with _signals_stop_cleanly():
+            yield
+    finally:
+        remove_leftovers()
 
 
 def _stdout_closed() -> bool:
@@ -140,7 +153,7 @@ def main() -> None:
     threading.excepthook = _thread_error
     try:
         _check_working_directory()
-        with _signals_stop_cleanly():
+        with _stops_leave_nothing():
             app()
     except SystemExit:
         if _stdout_closed():  # the output's reader is gone: end as quietly as any Unix tool does

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from lora_db.errors import LoraDBError
+from lora_db.interrupts import deferrable
 
 logger = logging.getLogger("lora_db")
 
@@ -83,6 +84,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
         yield request
         return
 
+    @deferrable  # raises only outside the lines that create or swap a temporary file (lora_db.interrupts)
     def handler(signum, frame):
         name = signal.Signals(signum).name
         if not request.armed:
