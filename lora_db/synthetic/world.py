@@ -127,6 +127,22 @@ def make_scenes(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[tuple
     return world
 
 
+def make_shape_twins(count: int, seed: int, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, str]]:
+    """`count` pairs of pictures (2 * count items, twins side by side) that differ only in the object's shape: the
+    same colour, pattern, place, size, position and tilt, each caption naming its shape. Hard negatives for
+    contrastive training, without which CLIP tells captions apart by colour, pattern and place alone."""
+    rng = random.Random(seed)
+    twins = []
+    for _ in range(count):
+        scene = replace(random_scene(rng), say_shape=True)
+        other = replace(scene, shape=rng.choice([shape for shape in SHAPES if shape != scene.shape]))
+        state = rng.getstate()
+        first = render(scene, rng, size)
+        rng.setstate(state)  # drawing does not depend on the shape: the same draws place the twin the same way
+        twins += [(first, scene.caption), (render(other, rng, size), other.caption)]
+    return twins
+
+
 def full_caption(scene: Scene) -> str:
     """The caption that says everything the picture shows: what the caption decoder learns to write."""
     return replace(scene, say_shape=True, say_colour=True, say_pattern=True, say_place=True).caption
