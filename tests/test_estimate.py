@@ -152,10 +152,14 @@ def test_cuda_estimate_adds_the_context_and_foreach_adam():
     assert cuda.peak_bytes >= cpu.peak_bytes
 
 
-def test_compile_on_a_cpu_says_the_compiler_s_memory_is_not_counted(lora):
+def test_compile_on_a_cpu_counts_the_compiled_graphs_and_says_what_it_leaves_out(lora):
+    from lora_db.training.estimate import COMPILED_GRAPHS_BYTES
+
     compiled = estimate_memory(TrainConfig(model="tiny", compile=True), device="cpu")
-    assert any(note.startswith("--compile: torch.compile's own memory") for note in compiled.notes)
+    assert any(note.startswith("--compile: the compiled graphs") for note in compiled.notes)
     assert compiled.peak_bytes == lora[1].peak_bytes  # the same tensors: compiled blocks change no shapes
+    assert compiled.process_bytes == lora[1].process_bytes + COMPILED_GRAPHS_BYTES
+    assert compiled.total_bytes == lora[1].total_bytes + COMPILED_GRAPHS_BYTES
     assert not any("--compile" in note for note in lora[1].notes)
     cuda = estimate_memory(TrainConfig(model="tiny", compile=True), device="cuda")
     assert not any("--compile" in note for note in cuda.notes)  # on a GPU that memory is the host's, not counted

@@ -66,6 +66,7 @@ GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2  # CUDA context + kernels of torch on a current GPU; not counted by the allocator
 REDUCED_PRECISION_KERNEL_BYTES = 24 * 2**20  # see cpu_process_bytes
 TEXT_ENCODER_BACKWARD_KERNEL_BYTES = 10 * 2**20  # see cpu_process_bytes
+COMPILED_GRAPHS_BYTES = 36 * 2**20  # --compile on a CPU: see cpu_process_bytes
 FEED_FORWARD_MULT = 4  # the U-ViT's feed-forward hidden width over its model width (diffusers' FeedForward)
 COMPONENTS = ("unet", "text_encoder", "text_decoder", "vae", "image_encoder")
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
@@ -154,7 +155,7 @@ class MemoryEstimate:
         if self.device == "cuda":
             lines.append(f"{'CUDA context (approx., not above)':<34}{format_bytes(self.context_bytes):>12}")
         else:
-            lines.append(f"{'CPU kernel buffers (measured)':<34}{format_bytes(self.process_bytes):>12}")
+            lines.append(f"{'CPU, beside tensors (measured)':<34}{format_bytes(self.process_bytes):>12}")
         lines.append(f"{'total':<34}{format_bytes(self.total_bytes):>12}")
         if memory_bytes is not None:
             spare = memory_bytes - self.total_bytes
@@ -283,9 +284,10 @@ def check_estimate_options(config: TrainConfig, device: str) -> tuple[TrainConfi
     if config.cache_latents_dir is not None:
         notes.append("--cache-latents-dir: one micro-batch of encodings in memory at a time, whatever the image count")
     if config.compile and device == "cpu":
-        # benchmarks/memory.py: --compile held 24-186 MiB more than without, by run and model size (inductor's cache,
-        # generated code): no size to model (benchmarks/README.md, How good is the estimate).
-        notes.append("--compile: torch.compile's own memory in the process (graphs, generated code) is not included")
+        notes.append(
+            "--compile: the compiled graphs and their generated code counted as measured (36 MiB); the first compile "
+            "in a process also loads inductor's code generation (~150 MiB), which, like torch itself, is not counted"
+        )
     if config.init_adapter is not None:
         # Its weights only replace the initial values of tensors of the same shapes: the same memory.
         config = replace(config, init_adapter=None)
@@ -344,7 +346,12 @@ def cpu_process_bytes(config: TrainConfig, pipe, sources: int) -> int:
     oneDNN's reduced-precision kernels (23-36 MiB more at either size), and 10 MiB more once the text encoder trains
     in bf16 or fp16: what its first backward leaves allocated (random:small, the process warmed up on the tiny model,
     every tensor freed: 8.8 MiB for the text encoder's first backward alone, 11.4 MiB between whole runs with
-    and without it; in fp32 0.4 MiB, and the estimate of that row was within 1 %)."""
+    and without it; in fp32 0.4 MiB, and the estimate of that row was within 1 %). With --compile, what the compiled
+    U-ViT blocks keep (dynamo's graphs and guards, AOTAutograd's forward and backward, inductor's generated code):
+    31 MiB at random:small, 41 MiB at tiny-world and REAL at real size above the same row without it, each row in a
+    process of its own with a fresh inductor cache, so that inductor's code generation, loaded by the first compile
+    of a process, is in the baseline for every row (with a shared cache the same row measured 24 or 181 MiB more,
+    depending on whether the warm-up before the baseline had compiled or hit the cache)."""
     unet = pipe.unet.config
     side = config.resolution // pipe.vae_scale_factor // unet.patch_size
     # Image patches, text tokens, the CLIP image token, both timesteps and (v1) the data-type token.
@@ -353,7 +360,8 @@ def cpu_process_bytes(config: TrainConfig, pipe, sources: int) -> int:
     reduced = 0
     if config.mixed_precision != "no":
         reduced = REDUCED_PRECISION_KERNEL_BYTES + config.trains_text_encoder * TEXT_ENCODER_BACKWARD_KERNEL_BYTES
-    return config.train_batch_size * sources * tokens * hidden * 4 + reduced
+    compiled = COMPILED_GRAPHS_BYTES if config.compile else 0
+    return config.train_batch_size * sources * tokens * hidden * 4 + reduced + compiled
 
 
 def _fake_run(config: TrainConfig, device: str, traced: torch.device, mode, scratch: Path):
