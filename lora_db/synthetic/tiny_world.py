@@ -66,7 +66,16 @@ from lora_db.synthetic.vae import (
     statistics_mean,
     train_vae,
 )
-from lora_db.synthetic.world import CLASS_WORD, IMAGE_SIZE, full_caption, make_scenes, vocabulary
+from lora_db.synthetic.world import (
+    CLASS_WORD,
+    COLOURS,
+    IMAGE_SIZE,
+    SHAPES,
+    full_caption,
+    make_scenes,
+    scene_labels,
+    vocabulary,
+)
 
 logger = logging.getLogger("lora_db")
 
@@ -109,6 +118,8 @@ class BuildConfig:
     clip_steps: int = 400
     clip_batch: int = 128
     clip_lr: float = 2e-3
+    # Shape and colour heads beside the contrastive loss (train_clip); 0 in the shipped weights, built without them.
+    clip_aux_weight: float = 0.0
     text_dim: int = 16
     uvit_heads: int = 4
     uvit_head_dim: int = 32
@@ -286,24 +297,44 @@ def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def train_clip(clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: list[str], config) -> list[float]:
-    """Contrastive image-caption training; pictures that share a caption are all positives of it."""
+def train_clip(
+    clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: list[str], config, labels=None
+) -> list[float]:
+    """Contrastive image-caption training; pictures that share a caption are all positives of it.
+
+    With `config.clip_aux_weight` > 0 and `labels` (`world.scene_labels`), linear heads on both embeddings also
+    classify the object's shape and colour: on every picture, and on the captions that name them. Contrastive
+    training alone barely sees shapes, since most captions tell each other apart by colour, pattern and place (a
+    linear probe finds the shape in 12 % of held-out pictures, chance 10 %). The heads are dropped afterwards."""
     generator = torch.Generator().manual_seed(config.seed + 2)
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=config.clip_lr, weight_decay=0.1)
+    heads = torch.nn.ModuleDict()
+    if config.clip_aux_weight and labels is not None:
+        width, classes = clip.config.projection_dim, {"shape": len(SHAPES), "colour": len(COLOURS)}
+        heads = torch.nn.ModuleDict(
+            {f"{side}_{name}": torch.nn.Linear(width, n) for side in ("image", "text") for name, n in classes.items()}
+        )
+    optimizer = torch.optim.AdamW([*clip.parameters(), *heads.parameters()], lr=config.clip_lr, weight_decay=0.1)
     caption_ids = torch.tensor(_caption_ids(captions))
     losses = []
     clip.train()
     for step in (bar := _steps("clip", config.clip_steps)):
         set_lr(optimizer, cosine_lr(step, config.clip_steps, config.clip_lr, warmup=50))
         index = torch.randint(0, len(clip_pixels), (config.clip_batch,), generator=generator)
-        image = F.normalize(
-            clip.visual_projection(clip.vision_model(pixel_values=clip_pixels[index]).pooler_output), dim=-1
-        )
-        text = F.normalize(clip.text_projection(clip.text_model(input_ids=tokens[index]).pooler_output), dim=-1)
+        image_embeds = clip.visual_projection(clip.vision_model(pixel_values=clip_pixels[index]).pooler_output)
+        text_embeds = clip.text_projection(clip.text_model(input_ids=tokens[index]).pooler_output)
+        image, text = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         logits = clip.logit_scale.exp().clamp(max=100) * image @ text.T
         same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        if heads:
+            aux = 0.0
+            for name in ("shape", "colour"):
+                truth, said = labels[name][index], labels[f"says_{name}"][index]
+                aux = aux + F.cross_entropy(heads[f"image_{name}"](image_embeds), truth)
+                if said.any():
+                    aux = aux + F.cross_entropy(heads[f"text_{name}"](text_embeds[said]), truth[said])
+            loss = loss + config.clip_aux_weight * aux
         optimizer_step(optimizer, loss, losses, bar)
     clip.eval()
     return losses
@@ -446,7 +477,7 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
             mark = time.perf_counter()
             clip_pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
             tokens = _tokens(parts["clip_tokenizer"], captions)
-            clip_losses = train_clip(clip, clip_pixels, tokens, captions, config)
+            clip_losses = train_clip(clip, clip_pixels, tokens, captions, config, scene_labels([s for _, s in world]))
             text_encoder, image_encoder = pipeline_encoders(clip, clip_pixels)
             with torch.no_grad():
                 clip_embeds = torch.cat([image_encoder(pixel_values=b).image_embeds for b in clip_pixels.split(256)])
@@ -562,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
              "caption_steps")  # fmt: skip
     for name in names:
         build_parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildConfig, name))
+    build_parser.add_argument("--clip-aux-weight", type=float, default=BuildConfig.clip_aux_weight)
     judge_parser = commands.add_parser("judge", help="train only the judge into an existing tiny-world DIR")
     judge_parser.add_argument("out", type=Path)
     preview_parser = commands.add_parser("preview", help="grid of samples: prompt per column, seed per row")

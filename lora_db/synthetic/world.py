@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from lora_db.synthetic.procedural import (
@@ -127,20 +128,15 @@ def make_scenes(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[tuple
     return world
 
 
-def make_shape_twins(count: int, seed: int, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, str]]:
-    """`count` pairs of pictures (2 * count items, twins side by side) that differ only in the object's shape: the
-    same colour, pattern, place, size, position and tilt, each caption naming its shape. Hard negatives for
-    contrastive training, without which CLIP tells captions apart by colour, pattern and place alone."""
-    rng = random.Random(seed)
-    twins = []
-    for _ in range(count):
-        scene = replace(random_scene(rng), say_shape=True)
-        other = replace(scene, shape=rng.choice([shape for shape in SHAPES if shape != scene.shape]))
-        state = rng.getstate()
-        first = render(scene, rng, size)
-        rng.setstate(state)  # drawing does not depend on the shape: the same draws place the twin the same way
-        twins += [(first, scene.caption), (render(other, rng, size), other.caption)]
-    return twins
+def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """What each picture shows and what its caption says, as class indices and masks (CLIP's auxiliary heads)."""
+    colours = list(COLOURS)
+    return {
+        "shape": torch.tensor([SHAPES.index(scene.shape) for scene in scenes]),
+        "colour": torch.tensor([colours.index(scene.colour) for scene in scenes]),
+        "says_shape": torch.tensor([scene.say_shape for scene in scenes]),
+        "says_colour": torch.tensor([scene.say_colour for scene in scenes]),
+    }
 
 
 def full_caption(scene: Scene) -> str:
