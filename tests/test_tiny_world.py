@@ -60,6 +60,7 @@ def test_clip_s_auxiliary_heads_teach_its_text_tower_the_shapes_and_are_off_by_d
     import torch.nn.functional as F
 
     from lora_db.synthetic import tiny_world
+    from lora_db.synthetic.contrastive import train_clip
     from lora_db.synthetic.world import make_scenes, scene_labels
 
     scenes = make_scenes(1024, 0)
@@ -73,7 +74,7 @@ def test_clip_s_auxiliary_heads_teach_its_text_tower_the_shapes_and_are_off_by_d
         pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
         tokens = tiny_world._tokens(parts["clip_tokenizer"], captions)
         given = scene_labels([scene for _, scene in scenes]) if labels else None
-        tiny_world.train_clip(clip, pixels, tokens, captions, config, given)
+        train_clip(clip, pixels, tokens, captions, config, given)
         with torch.no_grad():
             ids = tiny_world._tokens(parts["clip_tokenizer"], prompts)
             text = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lora_db.images import image_grid, save_png, to_tensor
 from lora_db.io import atomic_directory, atomic_write_json
@@ -56,6 +55,7 @@ from lora_db.models.random import (
 from lora_db.models.sampling import generate_images
 from lora_db.synthetic import procedural
 from lora_db.synthetic.captioner import caption_loss, train_captions
+from lora_db.synthetic.contrastive import train_clip
 from lora_db.synthetic.judge import JUDGE_FOLDER, JudgeConfig, build_judge, join_judge_process, start_judge_process
 from lora_db.synthetic.vae import (
     VaeSchedule,
@@ -68,9 +68,7 @@ from lora_db.synthetic.vae import (
 )
 from lora_db.synthetic.world import (
     CLASS_WORD,
-    COLOURS,
     IMAGE_SIZE,
-    SHAPES,
     full_caption,
     make_scenes,
     scene_labels,
@@ -295,54 +293,6 @@ def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
-
-
-def train_clip(
-    clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: list[str], config, labels=None
-) -> list[float]:
-    """Contrastive image-caption training; pictures that share a caption are all positives of it.
-
-    With `config.clip_aux_weight` > 0 and `labels` (`world.scene_labels`), linear heads on both embeddings also
-    classify the object's shape and colour: on every picture, and on the captions that name them. Contrastive
-    training alone barely sees shapes, since most captions tell each other apart by colour, pattern and place (a
-    linear probe finds the shape in 12 % of held-out pictures, chance 10 %). The heads are dropped afterwards."""
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    heads = torch.nn.ModuleDict()
-    if config.clip_aux_weight and labels is not None:
-        width, classes = clip.config.projection_dim, {"shape": len(SHAPES), "colour": len(COLOURS)}
-        heads = torch.nn.ModuleDict(
-            {f"{side}_{name}": torch.nn.Linear(width, n) for side in ("image", "text") for name, n in classes.items()}
-        )
-    optimizer = torch.optim.AdamW([*clip.parameters(), *heads.parameters()], lr=config.clip_lr, weight_decay=0.1)
-    caption_ids = torch.tensor(_caption_ids(captions))
-    losses = []
-    clip.train()
-    for step in (bar := _steps("clip", config.clip_steps)):
-        set_lr(optimizer, cosine_lr(step, config.clip_steps, config.clip_lr, warmup=50))
-        index = torch.randint(0, len(clip_pixels), (config.clip_batch,), generator=generator)
-        image_embeds = clip.visual_projection(clip.vision_model(pixel_values=clip_pixels[index]).pooler_output)
-        text_embeds = clip.text_projection(clip.text_model(input_ids=tokens[index]).pooler_output)
-        image, text = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
-        logits = clip.logit_scale.exp().clamp(max=100) * image @ text.T
-        same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        if heads:
-            aux = 0.0
-            for name in ("shape", "colour"):
-                truth, said = labels[name][index], labels[f"says_{name}"][index]
-                aux = aux + F.cross_entropy(heads[f"image_{name}"](image_embeds), truth)
-                if said.any():
-                    aux = aux + F.cross_entropy(heads[f"text_{name}"](text_embeds[said]), truth[said])
-            loss = loss + config.clip_aux_weight * aux
-        optimizer_step(optimizer, loss, losses, bar)
-    clip.eval()
-    return losses
-
-
-def _caption_ids(captions: list[str]) -> list[int]:
-    ids: dict[str, int] = {}
-    return [ids.setdefault(c, len(ids)) for c in captions]
 
 
 def pipeline_encoders(clip, clip_pixels: torch.Tensor):
