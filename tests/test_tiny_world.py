@@ -58,6 +58,7 @@ def test_clip_s_auxiliary_heads_teach_its_text_tower_the_shapes_and_are_off_by_d
     """Contrastive training alone leaves "a red star" and "a red disc" nearly one embedding (most captions differ in
     colour, pattern or place); the shape and colour heads pull them apart. At 0 the labels change nothing."""
     import torch.nn.functional as F
+    from tqdm.auto import tqdm
 
     from lora_db.synthetic import tiny_world
     from lora_db.synthetic.contrastive import train_clip
@@ -74,7 +75,7 @@ def test_clip_s_auxiliary_heads_teach_its_text_tower_the_shapes_and_are_off_by_d
         pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
         tokens = tiny_world._tokens(parts["clip_tokenizer"], captions)
         given = scene_labels([scene for _, scene in scenes]) if labels else None
-        train_clip(clip, pixels, tokens, captions, config, given)
+        train_clip(clip, pixels, tokens, captions, config, lambda steps: tqdm(range(steps), disable=True), given)
         with torch.no_grad():
             ids = tiny_world._tokens(parts["clip_tokenizer"], prompts)
             text = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)

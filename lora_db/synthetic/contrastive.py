@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lora_db.synthetic.vae import cosine_lr, optimizer_step, set_lr
 from lora_db.synthetic.world import COLOURS, SHAPES
 
 
 def train_clip(
-    clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: list[str], config, labels=None
+    clip, clip_pixels: torch.Tensor, tokens: torch.Tensor, captions: list[str], config, progress, labels=None
 ) -> list[float]:
     """Contrastive image-caption training; pictures that share a caption are all positives of it.
 
@@ -35,7 +34,7 @@ def train_clip(
     caption_ids = torch.tensor(_caption_ids(captions))
     losses = []
     clip.train()
-    for step in (bar := tqdm(range(config.clip_steps), desc="clip", unit="step")):
+    for step in (bar := progress(config.clip_steps)):
         set_lr(optimizer, cosine_lr(step, config.clip_steps, config.clip_lr, warmup=50))
         index = torch.randint(0, len(clip_pixels), (config.clip_batch,), generator=generator)
         image_embeds = clip.visual_projection(clip.vision_model(pixel_values=clip_pixels[index]).pooler_output)

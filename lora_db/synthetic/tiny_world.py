@@ -427,7 +427,10 @@ def build(out: str | Path, config: BuildConfig | None = None) -> dict:
             mark = time.perf_counter()
             clip_pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
             tokens = _tokens(parts["clip_tokenizer"], captions)
-            clip_losses = train_clip(clip, clip_pixels, tokens, captions, config, scene_labels([s for _, s in world]))
+            clip_losses = train_clip(
+                clip, clip_pixels, tokens, captions, config, lambda steps: _steps("clip", steps),
+                scene_labels([s for _, s in world]),
+            )  # fmt: skip
             text_encoder, image_encoder = pipeline_encoders(clip, clip_pixels)
             with torch.no_grad():
                 clip_embeds = torch.cat([image_encoder(pixel_values=b).image_embeds for b in clip_pixels.split(256)])
