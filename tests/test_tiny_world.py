@@ -53,6 +53,34 @@ def test_a_small_build_is_deterministic_and_reports_its_vae_on_unseen_subjects(t
     assert 0 < report["vae_held_out_rms"]["mean"] <= report["vae_held_out_rms"]["max"]
 
 
+def test_clip_trained_in_the_second_process_is_the_clip_trained_here(tmp_path, one_thread):
+    """The build hands the world to its second process, which trains CLIP there: the weights it hands back are
+    those of training the same seeded CLIP on the same pictures, captions and labels in this process."""
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from lora_db.synthetic.contrastive import train_clip
+    from lora_db.synthetic.tiny_world import BuildConfig, build, build_components, clip_tokens
+    from lora_db.synthetic.world import make_scenes, scene_labels
+
+    config = BuildConfig(world_size=48, vae_steps=1, vae_small_steps=1, vae_pool=16, clip_steps=4, uvit_steps=1,
+                         uvit_broad_pool=16, judge_steps=1, judge_pool=16, caption_steps=1)  # fmt: skip
+    build(tmp_path / "built", config)
+    built = load_file(next((tmp_path / "built" / "clip").glob("*.safetensors")))
+
+    parts, clip = build_components(config)
+    world = make_scenes(config.world_size, config.seed)
+    captions = [scene.caption for _, scene in world]
+    pixels = parts["clip_image_processor"](images=[image for image, _ in world], return_tensors="pt")["pixel_values"]
+    untrained = {name: tensor.clone() for name, tensor in clip.state_dict().items()}
+    train_clip(clip, pixels, clip_tokens(parts["clip_tokenizer"], captions), captions, config,
+               lambda steps: tqdm(range(steps), disable=True), scene_labels([scene for _, scene in world]))  # fmt: skip
+    here = clip.state_dict()
+    assert set(built) <= set(here)
+    assert all(torch.equal(built[name], here[name]) for name in built)
+    assert any(not torch.equal(built[name], untrained[name]) for name in built)  # it did train
+
+
 @pytest.mark.slow
 def test_clip_s_auxiliary_heads_teach_its_text_tower_the_shapes_and_are_off_by_default(one_thread):
     """Contrastive training alone leaves "a red star" and "a red disc" nearly one embedding (most captions differ in
@@ -73,11 +101,11 @@ def test_clip_s_auxiliary_heads_teach_its_text_tower_the_shapes_and_are_off_by_d
         parts, clip = tiny_world.build_components(config)
         images, captions = [image for image, _ in scenes], [scene.caption for _, scene in scenes]
         pixels = parts["clip_image_processor"](images=images, return_tensors="pt")["pixel_values"]
-        tokens = tiny_world._tokens(parts["clip_tokenizer"], captions)
+        tokens = tiny_world.clip_tokens(parts["clip_tokenizer"], captions)
         given = scene_labels([scene for _, scene in scenes]) if labels else None
         train_clip(clip, pixels, tokens, captions, config, lambda steps: tqdm(range(steps), disable=True), given)
         with torch.no_grad():
-            ids = tiny_world._tokens(parts["clip_tokenizer"], prompts)
+            ids = tiny_world.clip_tokens(parts["clip_tokenizer"], prompts)
             text = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
         similarity = text @ text.T
         return clip, ((similarity.sum() - len(prompts)) / (len(prompts) * (len(prompts) - 1))).item()
