@@ -10,13 +10,16 @@ shapes in sixteen colours, plain or patterned, in five settings or on a plain co
    world (lora_db.synthetic.vae), so it can draw subjects neither shows; its `scaling_factor` is 1 / std of its
    latents on the world; the build prints its round-trip error on the DreamBooth subject set, which it never saw;
 3. a small CLIP (text and vision towers with projections) learns to match pictures and captions
-   contrastively; its towers become the pipeline's text and image encoders, and the whole CLIP model is also
-   saved as `clip/` so `lora-db eval --clip-model` can score prompt fidelity (CLIP-T);
+   contrastively, with linear heads that also name the object's shape and colour from both embeddings
+   (lora_db.synthetic.contrastive); its towers become the pipeline's text and image encoders, and the whole CLIP
+   model is also saved as `clip/` so `lora-db eval --clip-model` can score prompt fidelity (CLIP-T);
 4. the U-ViT (with the caption decoder's `encode` projection) learns UniDiffuser's text-to-image objective
-   through lora-db's own `dreambooth_loss`, with 10% unconditional examples so guidance works;
+   through lora-db's own `dreambooth_loss`, with 10% unconditional examples so guidance works, and beside each
+   batch its image-to-text objective (lora_db.synthetic.captioner); then the caption decoder learns to write the
+   world's captions from their text latents, which `lora-db caption` reads;
 5. a judge for `lora-db eval` (lora_db.synthetic.judge): an image encoder trained without text, self-supervised on
-   procedural pictures, that no part of the model ever sees, saved as `judge/`. It trains in a second process
-   beside the VAE (one thread each), and the U-ViT then takes both cores.
+   procedural pictures, that no part of the model ever sees, saved as `judge/`. The judge, then CLIP, train in
+   a second process beside the world's drawing and the VAE (lora_db.synthetic.second_core), one thread each.
 
 DreamBooth subjects come from lora_db.synthetic.subjects (hearts, crescents, arrows, ... and the demo robot):
 shapes the world never shows, all "a photo of sks toy".
