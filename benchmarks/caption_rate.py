@@ -124,15 +124,13 @@ def _nearest(pipe, scene, latents) -> list[str]:
     with each of the world's colours and shapes put in."""
     import torch
 
+    from lora_db.synthetic.tiny_world import clip_tokens
     from lora_db.synthetic.world import COLOURS, SHAPES, full_caption
 
     options = list(itertools.product(COLOURS, SHAPES))
     captions = [full_caption(replace(scene, colour=colour, shape=shape)) for colour, shape in options]
-    tokenizer = pipe.clip_tokenizer
-    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids  # fmt: skip
     with torch.no_grad():
-        clean = pipe.text_decoder.encode(pipe.text_encoder(ids)[0]).flatten(1)
+        clean = pipe.text_decoder.encode(pipe.text_encoder(clip_tokens(pipe.clip_tokenizer, captions))[0]).flatten(1)
     distance = (clean - latents.flatten(1).to(clean.dtype)).pow(2).sum(1)
     return list(options[int(distance.argmin())])
 

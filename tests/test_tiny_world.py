@@ -193,12 +193,13 @@ def test_the_text_encoder_tells_apart_captions_that_differ_in_one_attribute(worl
     (cosine 0.996); heads for shape and colour alone then squeezed out the place (0.961)."""
     import torch.nn.functional as F
 
+    from lora_db.synthetic.tiny_world import clip_tokens
+
     tokenizer = world_pipe.clip_tokenizer
 
     def spread(captions: list[str]) -> float:
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
         with torch.no_grad():
-            hidden = F.normalize(world_pipe.text_encoder(ids.input_ids)[0].flatten(1), dim=-1)
+            hidden = F.normalize(world_pipe.text_encoder(clip_tokens(tokenizer, captions))[0].flatten(1), dim=-1)
         n = len(captions)
         return ((hidden @ hidden.T).sum().item() - n) / (n * (n - 1))  # mean cosine between different captions
 
