@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from lora_db.config.train import TINY_WORLD_RECOMMENDED
 from lora_db.models.loading import tiny_world_dir as asset_dir
 from lora_db.synthetic.tiny_world import CLASS_PROMPT, SUBJECT_PROMPT, TEXT_LENGTH, build_clip_tokenizer, world_words
 from lora_db.synthetic.world import SHAPES, make_world
@@ -300,14 +301,9 @@ def dreambooth_runs(tmp_path_factory, one_thread):
     return work
 
 
-# tiny-world's recommended settings (benchmarks/quality.py's lora-r8-mlp-long): above the describing prompt on the
-# judge for 9 of the 12 held-out subjects, where rank 4 at 400 steps and lr 1e-3 drew level with it.
-RECOMMENDED = {
-    "rank": 8,
-    "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "max_train_steps": 1200,
-    "learning_rate": 2e-3,
-}
+# tiny-world's recommended settings (benchmarks/quality.py's lora-r8-mlp-long, `lora-db demo`'s): above the
+# describing prompt on the judge for 8 of the 12 held-out subjects, where rank 4 at 400 steps and lr 1e-3 falls short.
+RECOMMENDED = TINY_WORLD_RECOMMENDED
 
 
 @pytest.mark.slow
