@@ -33,13 +33,15 @@ import sys
 import time
 from pathlib import Path
 
+from lora_db.config.train import TINY_WORLD_RECOMMENDED
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SUBJECT = "a photo of sks toy"
 RECONTEXT = "a photo of sks toy on the beach"
 CLASS = "a photo of a toy"
 # name -> (options of TrainConfig, what the row shows)
-MLP_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-LONG = {"max_train_steps": 1200, "learning_rate": 2e-3}  # the row's own steps and --learning-rate
+MLP_TARGETS = list(TINY_WORLD_RECOMMENDED["target_modules"])  # attention and MLP
+LONG = {k: TINY_WORLD_RECOMMENDED[k] for k in ("max_train_steps", "learning_rate")}  # the row's own steps and rate
 DEFAULT_STEPS = 400  # rows that name no steps of their own
 CONFIGS = {
     "lora-r4": ({"rank": 4}, "LoRA rank 4"),

@@ -81,6 +81,12 @@ def train_curve(name: str, subject: str, photos: Path, work: Path, args) -> dict
     return {"curve": curve, "wall_s": time.perf_counter() - started, "step_s": step_s}
 
 
+def within_tenth(score: float) -> float:
+    """The bar 10 % below a score (FRACTION of it when positive): a judge cosine can end below zero, and 90 % of a
+    negative final is above it, a bar its own curve might never reach."""
+    return score - (1 - FRACTION) * abs(score)
+
+
 def first_reaching(curve: list[dict], bar: float) -> dict | None:
     return next((point for point in curve if point["judge"] >= bar), None)
 
@@ -94,8 +100,8 @@ def summarise(runs: dict, names: list[str]) -> dict:
         own, common = [], []
         for subject in runs:
             curve = runs[subject][name]["curve"]
-            own.append(first_reaching(curve, FRACTION * curve[-1]["judge"]))
-            common.append(first_reaching(curve, FRACTION * best))
+            own.append(first_reaching(curve, within_tenth(curve[-1]["judge"])))
+            common.append(first_reaching(curve, within_tenth(best)))
         reached = [p for p in common if p is not None]
         rows[name] = {
             "final_judge": finals[name],
@@ -116,7 +122,7 @@ def summarise(runs: dict, names: list[str]) -> dict:
 
 def markdown(results: dict) -> str:
     summary, n = results["summary"], len(results["subjects"])
-    bar = FRACTION * summary["best_final"]
+    bar = within_tenth(summary["best_final"])
     lines = [
         f"Median over {n} subjects ({', '.join(results['subjects'])}); judge: tiny-world's judge, subject prompt.",
         "",

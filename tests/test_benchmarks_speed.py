@@ -71,3 +71,16 @@ def test_time_to_subject_finds_the_first_evaluation_past_the_bar():
     assert (fast["common_steps"], fast["common_reached"]) == (100, 2)
     assert flat_row["own_steps"] == 50 and flat_row["common_reached"] == 0 and flat_row["common_steps"] is None
     assert tts.first_reaching(curve, 0.7) is None
+
+
+def test_time_to_subject_reads_a_curve_that_ends_below_zero():
+    """A judge cosine can end negative (a subject the adapter never drew): 90 % of -0.2 is above -0.2, so the bar is
+    10 % below the final instead, which the curve's own last point always reaches."""
+    tts = _benchmark_module("time_to_subject")
+    sinking = [
+        {"step": s, "train_s": s / 10, "judge": j, "pixel": 0.5} for s, j in ((50, -0.3), (100, -0.21), (150, -0.2))
+    ]
+    summary = tts.summarise({"heart": {"sinking": {"curve": sinking, "step_s": 0.1}}}, ["sinking"])
+    row = summary["rows"]["sinking"]
+    assert (row["own_steps"], row["common_steps"]) == (100, 100)  # -0.21 is the first past -0.22
+    assert tts.within_tenth(-0.2) == pytest.approx(-0.22) and tts.within_tenth(0.6) == pytest.approx(0.54)

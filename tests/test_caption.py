@@ -90,3 +90,29 @@ def test_bad_options_are_one_line(options, message):
 def test_a_folder_without_photos_is_refused_before_loading(tmp_path):
     with pytest.raises(LoraDBError, match="FOLDER"):
         caption_module.caption(CaptionConfig(folder=tmp_path, model="tiny"))
+
+
+@pytest.mark.slow
+def test_tiny_world_captions_name_the_colour_and_shape_of_pictures_it_never_saw(tmp_path, monkeypatch, capsys):
+    """No stand-in: `lora-db caption` on tiny-world, at its default settings, writes captions that name the object's
+    colour and shape (said together, as the world says them) for most pictures of a seed the build never drew."""
+    import itertools
+    import random
+
+    from lora_db.synthetic.world import random_scene, render
+
+    rng = random.Random(2026)
+    folder, scenes = tmp_path / "photos", {}
+    folder.mkdir()
+    for number in range(16):
+        scene = random_scene(rng)
+        render(scene, rng).save(folder / f"{number:02d}.png")
+        scenes[f"{number:02d}"] = scene
+    code, _, err = run_cli(monkeypatch, capsys, "caption", folder, "--model", "tiny-world", "--prefix", "sks")
+    assert code == 0, err
+    named = 0
+    for name, scene in scenes.items():
+        text = (folder / f"{name}.txt").read_text()
+        assert text.startswith("sks, a photo of ")
+        named += (scene.colour, scene.shape) in itertools.pairwise(text.replace(",", " ").split())
+    assert named >= 9, named  # most of 16

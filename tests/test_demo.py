@@ -18,7 +18,7 @@ from lora_db.evaluation.metrics import nearest_pixel_similarity, pixel_thumbnail
 from lora_db.images import png_text
 from lora_db.synthetic.subjects import subject_photos
 
-MARGIN = 0.03  # measured: 0.797 before, 0.867 after (heart, seed 0); the quality benchmark's mean gain is 0.039
+MARGIN = 0.06  # measured: 0.766 before, 0.903 after (heart, seed 0); the quality benchmark's mean gain is 0.078
 
 
 def grid_cells(path, rows: int, columns: int) -> list[list[Image.Image]]:

@@ -104,6 +104,14 @@ def wait_for_text(page, selector: str, test, timeout: float = 240) -> str:
         time.sleep(0.2)
 
 
+def wait_until(read, expected, timeout: float = 60):
+    """Poll `read()` until it returns `expected` (the page updates a table or grid in more than one render)."""
+    deadline = time.time() + timeout
+    while (seen := read()) != expected:
+        assert time.time() < deadline, f"expected {expected!r}, still {seen!r} after {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 def press(page, button: str, answer_in: str, start: str, timeout: float = 60) -> str:
     """Click `button`; its one-line answer (the .status element in `answer_in`) once it starts with `start`, or the
     new error line it shows instead."""
@@ -144,8 +152,8 @@ def test_the_page_trains_stops_resumes_and_samples_in_a_browser(page_server, bro
     page.set_input_files("#photo-upload input[type=file]", [str(p) for p in photos])
     assert wait_for_text(page, "#photos-message .status", bool, 60) == "added 5 photo(s) to photos"
     wait_for_text(page, "#captions", lambda text: "subject_01.png" in text)
-    assert page.get_attribute("#captions [role=grid]", "aria-rowcount") == "6"  # a header and five photos
-    assert page.locator("#photo-grid img").count() == 5
+    wait_until(lambda: page.get_attribute("#captions [role=grid]", "aria-rowcount"), "6")  # a header, five photos
+    wait_until(lambda: page.locator("#photo-grid img").count(), 5)
     assert sorted(p.name for p in (workspace / "photos").iterdir()) == [p.name for p in photos]
     cell = page.locator("#captions [data-testid='cell-1-1']")  # subject_01.png's caption
     cell.click()
@@ -153,7 +161,12 @@ def test_the_page_trains_stops_resumes_and_samples_in_a_browser(page_server, bro
     cell.locator("textarea").fill(f"{PROMPT} by a window")
     cell.locator("textarea").press("Enter")
     wait_for_text(page, "#captions [data-testid='cell-1-1']", lambda text: "by a window" in text)
-    press(page, "#save-captions", "#photos-message", "saved 1 caption(s)")
+    # The table sends an edited cell to its value a moment after the cell shows it (seconds on a loaded machine):
+    # Save (idempotent) until it has the edit, within 30 s; a save that never sees it fails here.
+    deadline = time.time() + 30
+    while not (saved := press(page, "#save-captions", "#photos-message", "saved ")).startswith("saved 1 caption(s)"):
+        assert saved.startswith("saved 0 caption(s)") and time.time() < deadline, saved
+        time.sleep(1)
     assert (workspace / "photos" / "subject_01.txt").read_text() == f"{PROMPT} by a window\n"
 
     # Train: the memory estimate, then paths that leave the workspace are refused with one line, nothing started.
@@ -181,9 +194,9 @@ def test_the_page_trains_stops_resumes_and_samples_in_a_browser(page_server, bro
     page.reload()
     open_tab(page, "2. Train")
     wait_for_text(page, "#train-progress", lambda text: re.search(rf"step [1-9]\d* of {STEPS}", text))
-    assert page.input_value("#field-output_dir textarea") == "runs/robot"
+    wait_until(lambda: page.input_value("#field-output_dir textarea"), "runs/robot")
     page.wait_for_selector("#validation img", timeout=120_000)
-    assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
+    wait_until(lambda: page.locator("#loss-plot canvas, #loss-plot svg").count() > 0, True)
 
     # Stop: SIGTERM, the step finishes and a checkpoint is saved; then Resume runs on to the end.
     press(page, "#stop", "#train-message", "stopping: the step in progress finishes and a checkpoint is saved")

@@ -32,10 +32,10 @@ app = typer.Typer()
 @app.command("demo")
 @with_config_options(DemoConfig)
 def demo_command(**values: Any) -> None:
-    """Watch tiny-world (a small UniDiffuser shipped with lora-db) learn a subject it never saw, in about a minute.
+    """Watch tiny-world (a small UniDiffuser shipped with lora-db) learn a subject it never saw, in a minute or two.
 
-    Writes five photos of the subject, trains a rank-4 LoRA on them and samples the subject prompt before and after
-    training at the same seeds, into FOLDER/before-after.png.
+    Writes five photos of the subject, trains a LoRA on them (rank 8 on attention and MLP, 1200 steps at lr 2e-3) and
+    samples the subject prompt before and after training at the same seeds, into FOLDER/before-after.png.
 
         lora-db demo
         lora-db demo demo-bolt --subject bolt

@@ -17,7 +17,6 @@ the judge adds something over "same colours in the same places".
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -305,25 +304,6 @@ def build_judge(folder: Path, config: JudgeConfig | None = None, log: Callable[[
     return report
 
 
-def _judge_child(folder: str, config: JudgeConfig, threads: int) -> None:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="judge: %(message)s")
-    build_judge(Path(folder), config, log=logging.getLogger("lora_db").info)
-
-
-def start_judge_process(folder: Path, config: JudgeConfig, threads: int):
-    """Train the judge in a second process (it shares nothing with the model), `threads` threads, while the
-    tiny-world build trains its VAE in the first."""
-    import multiprocessing
-
-    process = multiprocessing.get_context("spawn").Process(target=_judge_child, args=(str(folder), config, threads))
-    process.start()
-    return process
-
-
-def join_judge_process(process, folder: Path) -> dict:
-    """Wait for `start_judge_process`'s judge; its build report."""
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"training the judge failed (exit code {process.exitcode}); see its output above")
-    return json.loads((folder / CONFIG_FILE).read_text())["report"]
+def judge_report(folder: Path) -> dict:
+    """The build report `build_judge` saved with the judge in `folder`."""
+    return json.loads((Path(folder) / CONFIG_FILE).read_text())["report"]

@@ -128,14 +128,46 @@ def make_scenes(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[tuple
     return world
 
 
-def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    """What each picture shows and what its caption says, as class indices and masks (CLIP's auxiliary heads)."""
-    colours = list(COLOURS)
+def attributes() -> dict[str, tuple[str, ...]]:
+    """Every attribute of a scene a caption can say, with its values: what CLIP's auxiliary heads classify."""
     return {
-        "shape": torch.tensor([SHAPES.index(scene.shape) for scene in scenes]),
-        "colour": torch.tensor([colours.index(scene.colour) for scene in scenes]),
-        "says_shape": torch.tensor([scene.say_shape for scene in scenes]),
-        "says_colour": torch.tensor([scene.say_colour for scene in scenes]),
+        "shape": SHAPES,
+        "colour": tuple(COLOURS),
+        "pattern": ("plain", *PATTERNS),
+        "pattern_colour": tuple(COLOURS),
+        "place": (*SETTINGS, *(f"on {colour}" for colour in BACKDROP_COLOURS)),
+    }
+
+
+def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """What each picture shows and what its caption says, for every attribute (`attributes`): the class index
+    (`NAME`), whether the picture shows it (`shows_NAME`: a plain toy has no pattern colour) and whether its caption
+    says it (`says_NAME`)."""
+    values = attributes()
+
+    def column(name: str, get) -> torch.Tensor:
+        return torch.tensor([values[name].index(get(scene)) for scene in scenes])
+
+    def mask(get) -> torch.Tensor:
+        return torch.tensor([bool(get(scene)) for scene in scenes])
+
+    return {
+        "shape": column("shape", lambda s: s.shape),
+        "colour": column("colour", lambda s: s.colour),
+        "pattern": column("pattern", lambda s: s.pattern or "plain"),
+        "pattern_colour": column("pattern_colour", lambda s: s.pattern_colour),
+        "place": column("place", lambda s: s.place),
+        "shows_shape": mask(lambda s: True),
+        "shows_colour": mask(lambda s: True),
+        "shows_pattern": mask(lambda s: True),
+        "shows_pattern_colour": mask(lambda s: s.pattern),
+        "shows_place": mask(lambda s: True),
+        "says_shape": mask(lambda s: s.say_shape),
+        "says_colour": mask(lambda s: s.say_colour),
+        # a caption that names no pattern does not say the toy is plain: the pattern may just be left out
+        "says_pattern": mask(lambda s: s.pattern and s.say_pattern),
+        "says_pattern_colour": mask(lambda s: s.pattern and s.say_pattern),
+        "says_place": mask(lambda s: s.say_place),
     }
 
 

@@ -4,10 +4,11 @@
 
 tiny-world is a small UniDiffuser pretrained offline and shipped with lora-db; its held-out subjects
 (lora_db.synthetic.subjects) are shapes and patterns its training never drew. The demo writes five photos of one,
-trains a rank-4 LoRA on "a photo of sks toy" through the same `train` as `lora-db train`, with the settings of
-benchmarks/quality.py (learning rate 1e-3, guidance 3), then samples the prompt with the base model and with the
-adapter at the same seeds. Each row of the grid says its model-free pixel score against the photos
-(lora_db.evaluation.metrics; 1 is identical), which demo.json and the command's output repeat.
+trains a LoRA on "a photo of sks toy" through the same `train` as `lora-db train`, with tiny-world's recommended
+setting (rank 8 on attention and MLP, 1200 steps at lr 2e-3; guidance 3, as benchmarks/quality.py), then samples
+the prompt with the base model and with the adapter at the same seeds. Each row of the grid says its model-free
+pixel score against the photos (lora_db.evaluation.metrics; 1 is identical), which demo.json and the command's
+output repeat.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from lora_db.adapters.hotswap import load_pipeline
 from lora_db.adapters.sample import GRID_MIN_CELL
 from lora_db.config.commands import DemoConfig
-from lora_db.config.train import TrainConfig
+from lora_db.config.train import TINY_WORLD_RECOMMENDED, TrainConfig
 from lora_db.errors import LoraDBError
 from lora_db.evaluation.metrics import nearest_pixel_similarity, pixel_thumbnails
 from lora_db.images import image_grid, save_png
@@ -35,8 +36,6 @@ from lora_db.training.loop import train
 
 logger = logging.getLogger("lora_db")
 
-RANK = 4
-LEARNING_RATE = 1e-3
 GUIDANCE_SCALE = 3.0  # benchmarks/quality.py's: tiny-world draws its subjects steadier at low guidance
 INFERENCE_STEPS = 20
 GRID_FILE = "before-after.png"
@@ -87,8 +86,9 @@ def _run_demo(config: DemoConfig) -> DemoResult:
                 instance_dir=folder / "photos",
                 instance_prompt=subject.instance_prompt,
                 output_dir=folder / "run",
-                rank=RANK,
-                learning_rate=LEARNING_RATE,
+                rank=TINY_WORLD_RECOMMENDED["rank"],
+                target_modules=TINY_WORLD_RECOMMENDED["target_modules"],
+                learning_rate=TINY_WORLD_RECOMMENDED["learning_rate"],
                 max_train_steps=config.steps,
                 seed=config.seed,
                 report_to="none",
