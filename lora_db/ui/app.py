@@ -238,17 +238,33 @@ def build(page: Page) -> gr.Blocks:
             grid, rows = page.photo_view(folder)
             return [(str(path), caption) for path, caption in grid], rows or None
 
-        def on_upload(folder, files):
-            message = page.upload(folder, files)
-            return (status_html(message), None, *show_photos(folder))
+        def photos_signature(folder, grid) -> tuple:
+            """What the timer compares to resend the photos and the caption table: the folder and its files' times."""
+            return folder, _stamps(file for path, _ in grid for file in (Path(path), Path(path).with_suffix(".txt")))
 
-        upload.upload(on_upload, [photos_folder, upload], [photos_message, upload, photo_grid, caption_table])
-        load_photos.click(show_photos, photos_folder, [photo_grid, caption_table])
-        save_captions.click(
-            lambda folder, table: status_html(page.save_captions(folder, _rows(table))),
-            [photos_folder, caption_table],
-            photos_message,
+        def shown(seen_now: dict, folder: str, grid) -> dict:
+            """Record that this page already has the folder as it is now: the timer must not send the caption table
+            again, over edits the user makes before saving (it did, a tick after an upload or a save)."""
+            seen_now["photos"] = seen_now["captions"] = photos_signature(folder, grid)
+            return seen_now
+
+        def on_show(folder, seen_now):
+            grid, rows = show_photos(folder)
+            return grid, rows, shown(seen_now, folder, grid)
+
+        def on_upload(folder, files, seen_now):
+            message = page.upload(folder, files)
+            return (status_html(message), None, *on_show(folder, seen_now))
+
+        def on_save_captions(folder, table, seen_now):
+            message = page.save_captions(folder, _rows(table))
+            return status_html(message), shown(seen_now, folder, show_photos(folder)[0])
+
+        upload.upload(
+            on_upload, [photos_folder, upload, seen], [photos_message, upload, photo_grid, caption_table, seen]
         )
+        load_photos.click(on_show, [photos_folder, seen], [photo_grid, caption_table, seen])
+        save_captions.click(on_save_captions, [photos_folder, caption_table, seen], [photos_message, seen])
 
         # -- training -------------------------------------------------------------------------------------------
 
@@ -277,10 +293,10 @@ def build(page: Page) -> gr.Blocks:
             validation_images = [(str(path), f"step {step}") for path, step in view.validation]
             eval_view, table = page.eval_view()
             outputs, model_card = page.outputs_view()
-            photos = _stamps(file for path, _ in grid for file in (Path(path), Path(path).with_suffix(".txt")))
+            photos = photos_signature(folder, grid)
             return (
-                changed("photos", grid, (folder, photos)),
-                changed("captions", rows, (folder, photos)),
+                changed("photos", grid, photos),
+                changed("captions", rows, photos),
                 changed("status", status_html(view.status)),
                 changed("progress", progress_html(view)),
                 changed("loss", loss_frame(view), (str(view.output), len(view.steps), view.steps[-1:])),
