@@ -38,6 +38,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for(page, selector: str, test, timeout: float) -> str:
     """The text of `selector` once `test(text)` holds; an error naming the last text seen if it never does."""
     deadline = time.time() + timeout
@@ -75,7 +80,7 @@ def main() -> None:
         server = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)
         try:
             deadline = time.time() + 120
-            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            while not listening(port):
                 if server.poll() is not None or time.time() > deadline:
                     raise SystemExit("lora-db ui did not start")
                 time.sleep(0.3)

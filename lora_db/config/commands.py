@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from lora_db.config.fields import MAX_SEED, MixedPrecision, Quantization, check_numbers, check_text, option
+from lora_db.config.train import TINY_WORLD_RECOMMENDED
 from lora_db.errors import LoraDBError
 
 
@@ -212,7 +213,7 @@ class DemoConfig:
         "heart", "Which of tiny-world's held-out subjects (never seen in its training) it learns."
     )
     steps: int = option(
-        1200,
+        TINY_WORLD_RECOMMENDED["max_train_steps"],
         "Training steps of the LoRA (rank 8 on attention and MLP, lr 2e-3: tiny-world's recommended setting).",
         minimum=1,
         maximum=100_000,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 from lora_db.config.dataset import Concept, check_concepts, read_dataset_config
@@ -34,12 +35,14 @@ UNET_FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # tiny-world's recommended setting (benchmarks/quality.py's lora-r8-mlp-long; docs/tiny-world.md): what `lora-db demo`
 # trains. Its rate suits the 128-wide toy, not the real model, whose default stays 1e-4.
-TINY_WORLD_RECOMMENDED = {
-    "rank": 8,
-    "target_modules": [*UNET_ATTENTION_TARGETS, *UNET_FEEDFORWARD_TARGETS],
-    "max_train_steps": 1200,
-    "learning_rate": 2e-3,
-}
+TINY_WORLD_RECOMMENDED = MappingProxyType(  # read-only: every user shares it
+    {
+        "rank": 8,
+        "target_modules": (*UNET_ATTENTION_TARGETS, *UNET_FEEDFORWARD_TARGETS),
+        "max_train_steps": 1200,
+        "learning_rate": 2e-3,
+    }
+)
 
 Method = Literal["lora", "full"]
 AdapterType = Literal["lora", "lokr", "loha"]
